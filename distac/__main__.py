@@ -1,0 +1,5 @@
+import sys
+
+from distac.cli import main
+
+sys.exit(main())

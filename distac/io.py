@@ -1,0 +1,436 @@
+"""Checkpoint I/O on local paths and ``s3://`` URIs (anything fsspec opens).
+
+Reads are lazy: a checkpoint opens as a read-only mapping that loads one tensor per access, so a merge
+holds one tensor per model at a time. Formats: a single safetensors file, a sharded safetensors directory
+with the ``*.safetensors.index.json`` Hugging Face writes, and torch ``.pt/.bin/.pth`` state dicts.
+
+Writes are atomic: files are staged in a temporary sibling and renamed into place; on S3 each object is
+uploaded whole from a local staging file, and a sharded checkpoint's index is uploaded last, so a crash
+never leaves a readable half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import save_file
+
+from distac.errors import CheckpointError
+
+SAFETENSORS_SUFFIX = ".safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"
+TORCH_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_FILE_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def url_to_fs(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it for a local path or a URI."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return fs, path
+
+
+def is_local(uri: str | os.PathLike) -> bool:
+    return "://" not in str(uri) or str(uri).startswith("file://")
+
+
+def join_uri(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or URI with '/'."""
+    text = str(base).rstrip("/")
+    return "/".join([text, *(p.strip("/") for p in parts)])
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+class _SafetensorsFile:
+    """One safetensors file read by byte ranges: only the header is read when it opens."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._fs, self._path = url_to_fs(uri)
+        try:
+            size = self._fs.size(self._path)
+            with self._fs.open(self._path, "rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                if header_len <= 0 or 8 + header_len > size:
+                    raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
+                header = json.loads(handle.read(header_len))
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"checkpoint file not found: {uri}") from exc
+        except (ValueError, struct.error, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{uri} is not a valid safetensors file ({exc})") from exc
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        self._entries: dict[str, dict[str, Any]] = header
+        for key, entry in header.items():
+            start, end = entry["data_offsets"]
+            if entry["dtype"] not in _DTYPES or self._data_start + end > size or start > end:
+                raise CheckpointError(f"{uri}: tensor {key!r} has a corrupt header entry {entry}")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _DTYPES[self._entries[key]["dtype"]]
+
+    def read(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        start, end = entry["data_offsets"]
+        raw = self._fs.cat_file(self._path, self._data_start + start, self._data_start + end)
+        if len(raw) != end - start:
+            raise CheckpointError(f"{self.uri}: tensor {key!r} is truncated")
+        dtype = _DTYPES[entry["dtype"]]
+        if not raw:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(entry["shape"])
+
+
+class CheckpointReader(Mapping[str, torch.Tensor]):
+    """A lazy, read-only view of a checkpoint: ``reader[key]`` loads that tensor only."""
+
+    def __init__(self, uri: str, files: dict[str, _SafetensorsFile] | None = None,
+                 tensors: Mapping[str, torch.Tensor] | None = None):
+        self.uri = uri
+        self._files = files or {}
+        self._tensors = tensors
+        self._order = list(tensors) if tensors is not None else list(self._files)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[key]
+        try:
+            source = self._files[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in checkpoint {self.uri}") from None
+        return source.read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in (self._tensors if self._tensors is not None else self._files)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._tensors is not None:
+            return tuple(self._tensors[key].shape)
+        return self._files[key].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        if self._tensors is not None:
+            return self._tensors[key].dtype
+        return self._files[key].dtype(key)
+
+    def numel(self, key: str) -> int:
+        n = 1
+        for size in self.shape(key):
+            n *= size
+        return n
+
+
+def _resolve(uri: str) -> tuple[str, str]:
+    """Which format ``uri`` holds, and the file to open: ('safetensors'|'index'|'torch', path)."""
+    fs, path = url_to_fs(uri)
+    if path.endswith(INDEX_SUFFIX) or path.endswith(".index.json"):
+        return "index", uri
+    if path.endswith(SAFETENSORS_SUFFIX):
+        return "safetensors", uri
+    if path.endswith(TORCH_SUFFIXES):
+        return "torch", uri
+    if fs.isdir(path):
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+        indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+        singles = [n for n in names if n.endswith(SAFETENSORS_SUFFIX)]
+        torch_files = [n for n in names if n.endswith(TORCH_SUFFIXES)]
+        if indexes:
+            return "index", join_uri(uri, indexes[0])
+        if len(singles) == 1:
+            return "safetensors", join_uri(uri, singles[0])
+        if len(torch_files) == 1:
+            return "torch", join_uri(uri, torch_files[0])
+        raise CheckpointError(
+            f"{uri} holds no recognizable checkpoint (expected one *.safetensors, a *{INDEX_SUFFIX} "
+            f"or one torch file; found {names or 'nothing'})"
+        )
+    if not fs.exists(path):
+        raise CheckpointError(f"checkpoint not found: {uri}")
+    raise CheckpointError(f"{uri}: unknown checkpoint format (expected .safetensors, an index JSON, "
+                          f"{'/'.join(TORCH_SUFFIXES)} or a directory)")
+
+
+def _unwrap_state_dict(obj: Any, uri: str) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict or one nested under 'state_dict' / 'model' (open_clip, lightning)."""
+    if isinstance(obj, Mapping):
+        for nested in ("state_dict", "model"):
+            if nested in obj and isinstance(obj[nested], Mapping):
+                obj = obj[nested]
+                break
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return {k.removeprefix("module."): v for k, v in tensors.items()}
+    raise CheckpointError(f"{uri} does not contain a state dict of tensors")
+
+
+def _read_torch(uri: str) -> dict[str, torch.Tensor]:
+    fs, path = url_to_fs(uri)
+    try:
+        if is_local(uri):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            obj = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint file not found: {uri}") from exc
+    except Exception as exc:  # torch raises many types for a broken archive
+        raise CheckpointError(f"{uri} is not a readable torch checkpoint ({exc})") from exc
+    return _unwrap_state_dict(obj, uri)
+
+
+def open_checkpoint(uri: str | os.PathLike) -> CheckpointReader:
+    """Open a checkpoint lazily. Safetensors tensors load on access; torch files are memory-mapped."""
+    uri = str(uri)
+    kind, target = _resolve(uri)
+    if kind == "torch":
+        return CheckpointReader(uri, tensors=_read_torch(target))
+    if kind == "safetensors":
+        single = _SafetensorsFile(target)
+        return CheckpointReader(uri, files={key: single for key in single.keys()})
+    fs, path = url_to_fs(target)
+    try:
+        index = json.loads(fs.cat_file(path))
+        weight_map: dict[str, str] = index["weight_map"]
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint index not found: {target}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{target} is not a valid safetensors index ({exc})") from exc
+    base = target.rsplit("/", 1)[0] if "/" in target else "."
+    shards = {name: _SafetensorsFile(join_uri(base, name)) for name in sorted(set(weight_map.values()))}
+    files = {}
+    for key, name in weight_map.items():
+        if key not in shards[name].keys():
+            raise CheckpointError(f"{target} maps {key!r} to {name}, which does not contain it")
+        files[key] = shards[name]
+    return CheckpointReader(uri, files=files)
+
+
+def load_state_dict(uri: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a whole checkpoint into memory."""
+    reader = open_checkpoint(uri)
+    return {key: reader[key] for key in reader}
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def _local_staging_dir(final_path: str | None) -> str:
+    """A temporary directory on the same filesystem as ``final_path`` (so rename is atomic)."""
+    parent = os.path.dirname(os.path.abspath(final_path)) if final_path else None
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".distac-tmp-", dir=parent)
+
+
+def _replace_local(staged: str, final: str) -> None:
+    """Move a staged file or directory over ``final`` (a directory is swapped, then the old one removed)."""
+    if os.path.isdir(staged) and os.path.exists(final):
+        trash = f"{final}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, trash)
+        os.replace(staged, final)
+        shutil.rmtree(trash, ignore_errors=True) if os.path.isdir(trash) else os.remove(trash)
+    else:
+        os.replace(staged, final)
+
+
+def _prepare_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, cloning only those that share storage (safetensors refuses aliases)."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"cannot save {key!r}: a {type(tensor).__name__}, not a tensor")
+        tensor = tensor.detach().to("cpu").contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel():
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def write_bytes_atomic(data: bytes, uri: str | os.PathLike) -> None:
+    """Write a small file (JSON, metadata) atomically."""
+    uri = str(uri)
+    if is_local(uri):
+        _, path = url_to_fs(uri)
+        staging = _local_staging_dir(path)
+        try:
+            tmp = os.path.join(staging, "data")
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        fs, path = url_to_fs(uri)
+        fs.pipe_file(path, data)
+
+
+def write_json(obj: Any, uri: str | os.PathLike) -> None:
+    write_bytes_atomic(json.dumps(obj, indent=2, sort_keys=True).encode(), uri)
+
+
+def read_json(uri: str | os.PathLike) -> Any:
+    fs, path = url_to_fs(uri)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"file not found: {uri}") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{uri} is not valid JSON ({exc})") from exc
+
+
+class ShardedSafetensorsWriter:
+    """Write tensors one at a time into Hugging Face style sharded safetensors, atomically.
+
+    Memory holds at most one shard buffer. Shards are staged on local disk; on a clean exit they are
+    renamed (``model.safetensors`` for one shard, else ``model-0000i-of-0000N.safetensors`` plus
+    ``model.safetensors.index.json``) and the directory is moved into place, or uploaded index-last.
+    On an exception nothing is written at the destination.
+    """
+
+    def __init__(self, uri: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 metadata: Mapping[str, str] | None = None):
+        self.uri = str(uri).rstrip("/")
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._local = is_local(self.uri)
+        self._final_path = url_to_fs(self.uri)[1] if self._local else None
+        self._staging: str | None = None
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[list[str]] = []
+        self._total_bytes = 0
+
+    def __enter__(self) -> "ShardedSafetensorsWriter":
+        self._staging = _local_staging_dir(self._final_path)
+        return self
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if self._staging is None:
+            raise RuntimeError("use ShardedSafetensorsWriter as a context manager")
+        if key in self._buffer or any(key in shard for shard in self._shards):
+            raise CheckpointError(f"tensor {key!r} written twice to {self.uri}")
+        size = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._buffer[key] = tensor.detach().to("cpu").contiguous()
+        self._buffer_bytes += size
+        self._total_bytes += size
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        number = len(self._shards)
+        save_file(_prepare_tensors(self._buffer), os.path.join(self._staging, f"shard-{number}"),
+                  metadata=self.metadata)
+        self._shards.append(list(self._buffer))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._flush()
+                self._commit()
+        finally:
+            if self._staging and os.path.exists(self._staging):
+                shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    def _commit(self) -> None:
+        if not self._shards:  # an empty checkpoint is still a valid one
+            save_file({}, os.path.join(self._staging, "shard-0"), metadata=self.metadata)
+            self._shards.append([])
+        count = len(self._shards)
+        names = ([SINGLE_FILE_NAME] if count == 1 else
+                 [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+        out_dir = os.path.join(self._staging, "out")
+        os.mkdir(out_dir)
+        for i, name in enumerate(names):
+            os.replace(os.path.join(self._staging, f"shard-{i}"), os.path.join(out_dir, name))
+        if count > 1:
+            index = {"metadata": {"total_size": self._total_bytes},
+                     "weight_map": {key: names[i] for i, shard in enumerate(self._shards) for key in shard}}
+            with open(os.path.join(out_dir, INDEX_FILE_NAME), "w") as handle:
+                json.dump(index, handle, indent=2, sort_keys=True)
+        if self._local:
+            _replace_local(out_dir, self._final_path)
+            return
+        fs, path = url_to_fs(self.uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        for name in names:  # shards first, the index (the entry point readers open) last
+            fs.put_file(os.path.join(out_dir, name), f"{path}/{name}")
+        if count > 1:
+            fs.put_file(os.path.join(out_dir, INDEX_FILE_NAME), f"{path}/{INDEX_FILE_NAME}")
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], uri: str | os.PathLike,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Save a state dict atomically.
+
+    ``*.safetensors`` → one file; ``*.pt/.bin/.pth`` → ``torch.save``; anything else → a directory of
+    (possibly sharded) safetensors.
+    """
+    uri = str(uri)
+    fs, path = url_to_fs(uri)
+    if path.endswith(SAFETENSORS_SUFFIX) or path.endswith(TORCH_SUFFIXES):
+        staging = _local_staging_dir(path if is_local(uri) else None)
+        try:
+            tmp = os.path.join(staging, Path(path).name)
+            if path.endswith(SAFETENSORS_SUFFIX):
+                save_file(_prepare_tensors(state), tmp, metadata={"format": "pt", **(metadata or {})})
+            else:
+                torch.save(dict(_prepare_tensors(state)), tmp)
+            if is_local(uri):
+                os.replace(tmp, path)
+            else:
+                fs.put_file(tmp, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return
+    with ShardedSafetensorsWriter(uri, max_shard_bytes=max_shard_bytes, metadata=metadata) as writer:
+        for key, tensor in state.items():
+            writer.add(key, tensor)

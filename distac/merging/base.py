@@ -1,0 +1,143 @@
+"""What every merge method shares: the hyperparameter-bearing base class, the tensor-by-tensor engine
+(used by both the in-memory and the streaming path) and the ``Merged`` result."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from distac.errors import ConfigError, MismatchError
+from distac.vectors import TaskVector, select_keys
+
+TensorParts = dict[str, torch.Tensor]
+"""What ``merge_tensor`` returns for methods with several outputs per tensor (EMR): part name → tensor."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class MergeMethod:
+    """A merge method. Subclasses are dataclasses whose fields are the method's hyperparameters.
+
+    The engine calls ``prepare`` once (only when ``needs_first_pass``), then ``merge_tensor`` once per
+    tensor with the T task tensors in float32 on the compute device, then ``finish``.
+    """
+
+    name: ClassVar[str]
+    needs_first_pass: ClassVar[bool] = False
+    per_task: ClassVar[bool] = False  # True when task t is served with its own vector (EMR)
+
+    def prepare(self, vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
+                device: torch.device) -> None:
+        """A first pass over all tensors for whole-model quantities (TIES threshold)."""
+
+    def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor | TensorParts:
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, Any]:
+        """Whole-model results known only after every tensor was seen (EMR's per-task scales)."""
+        return {}
+
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Any]:
+        """Hyperparameter name → default."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def create(cls, **hyperparams: Any) -> "MergeMethod":
+        known = cls.hyperparameters()
+        unknown = sorted(set(hyperparams) - set(known))
+        if unknown:
+            raise ConfigError(f"{cls.name} has no hyperparameter {', '.join(unknown)}; "
+                              f"it accepts: {', '.join(sorted(known)) or 'none'}")
+        method = cls(**hyperparams)
+        method.validate()
+        return method
+
+    def validate(self) -> None:
+        """Raise ConfigError on out-of-range hyperparameters."""
+
+
+def is_matrix(key: str, tensor: torch.Tensor, exclude_2d: Sequence[str] | None) -> bool:
+    """Whether a tensor gets the 2-D (SVD / weight-matrix) treatment: ndim == 2 and not excluded."""
+    return tensor.ndim == 2 and not (exclude_2d and not select_keys([key], exclude=exclude_2d))
+
+
+def common_keys(vectors: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
+    """The keys every task vector covers, in the first one's order; raises if any differs."""
+    if not vectors:
+        raise ConfigError("merging needs at least one task vector")
+    keys = list(vectors[0])
+    reference = set(keys)
+    for i, vector in enumerate(vectors[1:], start=1):
+        if set(vector) != reference:
+            diff = sorted(reference ^ set(vector))
+            raise MismatchError(f"task vector {i} covers different tensors than task vector 0: "
+                                f"{', '.join(diff[:5])}" + (f" (+{len(diff) - 5} more)" if len(diff) > 5 else ""))
+    return keys
+
+
+def load_tensors(key: str, vectors: Sequence[Mapping[str, torch.Tensor]],
+                 device: torch.device) -> tuple[list[torch.Tensor], torch.dtype]:
+    """The T tensors for ``key`` in float32 on ``device``, and their common original dtype."""
+    tensors = [vector[key] for vector in vectors]
+    for i, tensor in enumerate(tensors[1:], start=1):
+        if tensor.shape != tensors[0].shape:
+            raise MismatchError(f"tensor {key!r}: shape {tuple(tensor.shape)} in task vector {i}, "
+                                f"{tuple(tensors[0].shape)} in task vector 0")
+        if tensor.dtype != tensors[0].dtype:
+            raise MismatchError(f"tensor {key!r}: dtype {tensor.dtype} in task vector {i}, "
+                                f"{tensors[0].dtype} in task vector 0")
+    return [t.to(device=device, dtype=torch.float32) for t in tensors], tensors[0].dtype
+
+
+def iter_merged(method: MergeMethod, vectors: Sequence[Mapping[str, torch.Tensor]],
+                device: torch.device | str | None = None,
+                progress: bool = False) -> Iterator[tuple[str, torch.Tensor | TensorParts]]:
+    """Merge tensor by tensor, yielding (key, result on CPU in the inputs' dtype; masks stay bool).
+
+    Holds at most T input tensors and one result at a time, so memory is bounded by the largest tensor.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    keys = common_keys(vectors)
+    if method.needs_first_pass:
+        method.prepare(vectors, keys, device)
+    for key in tqdm(keys, desc=f"merge ({method.name})", unit="tensor", disable=not progress):
+        tensors, dtype = load_tensors(key, vectors, device)
+        result = method.merge_tensor(key, tensors)
+        if isinstance(result, torch.Tensor):
+            yield key, result.to(device="cpu", dtype=dtype)
+        else:
+            yield key, {part: t.to("cpu") if t.dtype == torch.bool else t.to(device="cpu", dtype=dtype)
+                        for part, t in result.items()}
+
+
+@dataclass(frozen=True)
+class Merged:
+    """The result of a merge.
+
+    ``vector`` is τ_m (for EMR: the unified vector τ_uni). EMR also carries per-task boolean ``masks`` and
+    ``scales``; ``for_task(i)`` returns what task i is served with: τ_m for every i, or λ_i M_i ⊙ τ_uni.
+    """
+
+    method: str
+    vector: TaskVector
+    num_tasks: int
+    masks: tuple[dict[str, torch.Tensor], ...] | None = None
+    scales: tuple[float, ...] | None = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def for_task(self, index: int) -> TaskVector:
+        if not 0 <= index < self.num_tasks:
+            raise IndexError(f"task index {index} out of range for {self.num_tasks} merged tasks")
+        if self.masks is None:
+            return self.vector
+        scale, mask = self.scales[index], self.masks[index]
+        return TaskVector({k: scale * mask[k].to(v.dtype) * v for k, v in self.vector.items()}, check=False)

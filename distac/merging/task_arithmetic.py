@@ -1,0 +1,18 @@
+"""Task Arithmetic: τ_m = α Σ_t τ_t."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distac.merging.base import MergeMethod
+
+
+@dataclass
+class TaskArithmetic(MergeMethod):
+    name = "task_arithmetic"
+    alpha: float = 1.0
+
+    def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return self.alpha * torch.stack(tensors).sum(dim=0)
