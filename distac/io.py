@@ -107,7 +107,7 @@ class _SafetensorsFile:
     def read(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
         start, end = entry["data_offsets"]
-        raw = self._fs.cat_file(self._path, self._data_start + start, self._data_start + end)
+        raw = self._fs.cat_file(self._path, start=self._data_start + start, end=self._data_start + end)
         if len(raw) != end - start:
             raise CheckpointError(f"{self.uri}: tensor {key!r} is truncated")
         dtype = _DTYPES[entry["dtype"]]
