@@ -21,8 +21,11 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3-compatible server (moto) on loopback; clients find it through AWS_ENDPOINT_URL."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
