@@ -1,0 +1,307 @@
+"""The pipeline's parameters (``params.yaml``), validated.
+
+Every section forbids unknown keys, so a typo fails loudly, and a validation error names the field path
+(``tasks.1.finetune.lr``). ``load_params(path)`` is the one entry point; ``fingerprint(...)`` hashes the
+sub-configs a stage depends on so an unchanged stage can be skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from distac.errors import ConfigError
+
+GLUE_TASKS = ("cola", "mrpc", "rte", "sst2")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Section(BaseModel):
+    """A strict, immutable config section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(Section):
+    """What ``distac.models.build_adapter`` builds: the family, the checkpoint and its input settings."""
+
+    kind: Literal["hf_text", "open_clip"] = "hf_text"
+    name_or_path: str = "minilm"
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: PositiveInt = 128
+    options: dict[str, Any] = Field(default_factory=dict, description="extra adapter arguments")
+
+    def adapter_spec(self) -> dict[str, Any]:
+        spec = {"kind": self.kind, "name_or_path": self.name_or_path, **self.options}
+        if self.kind == "hf_text":
+            spec.update(pooling=self.pooling, max_length=self.max_length)
+        return spec
+
+
+class DataParams(Section):
+    """Where the GLUE tsv files live and how much of each split to use."""
+
+    glue_dir: str | None = Field(None, description="default: ../shared/data/glue beside the checkout")
+    max_train: PositiveInt | None = None
+    max_eval: PositiveInt | None = None
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    seed: int = 0
+
+
+class RecipeParams(Section):
+    """A fine-tuning recipe (``distac.training.FinetuneRecipe``)."""
+
+    lr: PositiveFloat = 5e-5
+    steps: PositiveInt = 100
+    batch_size: PositiveInt = 32
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_fraction: Fraction = 0.1
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    label_smoothing: Fraction = 0.0
+    mixup_alpha: NonNegativeFloat = 0.0
+    focal_gamma: NonNegativeFloat = 0.0
+    grad_clip: PositiveFloat | None = 1.0
+    seed: int = 0
+    train_head_only: bool = False
+
+
+def _optional_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's fields, each optional (default None) but keeping its constraints."""
+    def optional(field: Any) -> Any:
+        kind = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+        return kind | None
+
+    return {name: (optional(field), None) for name, field in model.model_fields.items()}
+
+
+# A task's overrides of the default recipe: the same fields and constraints, each optional.
+RecipeOverride = create_model("RecipeOverride", __base__=Section, **_optional_fields(RecipeParams))
+
+
+class TaskParams(Section):
+    """One task to fine-tune and merge; ``finetune`` overrides the default recipe for it alone."""
+
+    name: Literal[GLUE_TASKS]  # type: ignore[valid-type]
+    finetune: RecipeOverride = Field(default_factory=RecipeOverride)  # type: ignore[valid-type]
+
+
+class KappaParams(Section):
+    """How DisTaC picks the norm scale κ_t: shrink to the smallest norm (``min``), a fixed κ
+    (``explicit``, ``value`` = κ) or a fixed target norm (``target_norm``, ``value`` = the norm)."""
+
+    policy: Literal["min", "explicit", "target_norm"] = "min"
+    value: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _value_matches_policy(self) -> "KappaParams":
+        if self.policy == "min" and self.value is not None:
+            raise ValueError("value is not used with policy 'min'; remove it")
+        if self.policy != "min" and self.value is None:
+            raise ValueError(f"policy {self.policy!r} needs a value")
+        return self
+
+
+class ConditioningParams(Section):
+    """DisTaC settings; ``tasks: auto`` conditions the tasks the diagnosis flags."""
+
+    tasks: Literal["auto"] | list[Literal[GLUE_TASKS]] = "auto"  # type: ignore[valid-type]
+    kappa: KappaParams = Field(default_factory=KappaParams)
+    teacher_temperature: PositiveFloat = 1.0
+    student_temperature: PositiveFloat = 2.0
+    beta: NonNegativeFloat = 0.1
+    lr: PositiveFloat = 1e-5
+    steps: PositiveInt = 100
+    batch_size: PositiveInt = 32
+    grad_clip: PositiveFloat | None = 1.0
+    num_unlabeled: PositiveInt = 512
+    log_every: PositiveInt = 10
+    seed: int = 0
+
+
+class DiagnosisParams(Section):
+    """Thresholds that flag a task for conditioning (see ``distac.diagnostics``)."""
+
+    norm_ratio: Annotated[float, Field(gt=1)] = 2.0
+    min_confidence: Annotated[float, Field(gt=0, lt=1)] = 0.75
+
+
+class MethodParams(Section):
+    """One merge method; ``alpha: search`` picks α from the grid on the validation split."""
+
+    name: str
+    alpha: PositiveFloat | Literal["search"] | None = None
+    hyperparams: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from distac.merging import METHODS
+
+        if name not in METHODS:
+            raise ValueError(f"unknown merge method {name!r}; available: {', '.join(sorted(METHODS))}")
+        return name
+
+    @model_validator(mode="after")
+    def _alpha_is_a_hyperparameter(self) -> "MethodParams":
+        from distac.merging import METHODS
+
+        accepted = METHODS[self.name].hyperparameters()
+        if self.alpha is not None and "alpha" not in accepted:
+            raise ValueError(f"{self.name} has no α; remove alpha")
+        if "alpha" in self.hyperparams:
+            raise ValueError("give alpha as the method's own 'alpha' field, not in hyperparams")
+        unknown = sorted(set(self.hyperparams) - set(accepted))
+        if unknown:
+            raise ValueError(f"{self.name} has no hyperparameter {', '.join(unknown)}; "
+                             f"it accepts: {', '.join(sorted(accepted)) or 'none'}")
+        return self
+
+
+class MergeParams(Section):
+    methods: list[MethodParams] = Field(min_length=1)
+    alpha_grid: list[PositiveFloat] = Field(default=[0.2, 0.4, 0.6, 0.8, 1.0], min_length=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_names(cls, methods: list[MethodParams]) -> list[MethodParams]:
+        names = [m.name for m in methods]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"merge method listed twice: {', '.join(duplicates)}")
+        return methods
+
+    def method(self, name: str) -> MethodParams:
+        for method in self.methods:
+            if method.name == name:
+                return method
+        raise ConfigError(f"merge.methods has no method {name!r}; configured: "
+                          f"{', '.join(m.name for m in self.methods)}")
+
+
+class StorageParams(Section):
+    """Where stage outputs live: a local directory or ``s3://bucket/prefix``."""
+
+    root: str = "runs"
+
+    @field_validator("root")
+    @classmethod
+    def _not_empty(cls, root: str) -> str:
+        if not root.strip():
+            raise ValueError("must not be empty")
+        return root.rstrip("/")
+
+
+class MlflowParams(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "distac"
+    artifact_location: str | None = Field(None, description="default: ./mlruns beside the tracking store")
+
+
+class DaskParams(Section):
+    """A Dask cluster: an existing scheduler ``address``, or a LocalCluster of ``n_workers`` processes."""
+
+    address: str | None = None
+    n_workers: PositiveInt = 2
+    threads_per_worker: PositiveInt = 1
+
+
+class ExecutionParams(Section):
+    task_runner: Literal["threads", "dask"] = "threads"
+    max_workers: PositiveInt = 2
+    dask: DaskParams = Field(default_factory=DaskParams)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: PositiveInt | None = Field(None, description="torch.set_num_threads per process")
+
+
+class PipelineParams(Section):
+    """The whole ``params.yaml``."""
+
+    model: ModelParams = Field(default_factory=ModelParams)
+    data: DataParams = Field(default_factory=DataParams)
+    finetune: RecipeParams = Field(default_factory=RecipeParams)
+    tasks: list[TaskParams] = Field(min_length=2)
+    diagnosis: DiagnosisParams = Field(default_factory=DiagnosisParams)
+    conditioning: ConditioningParams = Field(default_factory=ConditioningParams)
+    merge: MergeParams
+    storage: StorageParams = Field(default_factory=StorageParams)
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
+    execution: ExecutionParams = Field(default_factory=ExecutionParams)
+
+    @model_validator(mode="after")
+    def _tasks_consistent(self) -> "PipelineParams":
+        names = self.task_names
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"tasks: task listed twice: {', '.join(duplicates)}")
+        if isinstance(self.conditioning.tasks, list):
+            unknown = [t for t in self.conditioning.tasks if t not in names]
+            if unknown:
+                raise ValueError(f"conditioning.tasks: {', '.join(unknown)} not among tasks ({', '.join(names)})")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+    @property
+    def method_names(self) -> list[str]:
+        return [method.name for method in self.merge.methods]
+
+    def task(self, name: str) -> TaskParams:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise ConfigError(f"tasks has no task {name!r}; configured: {', '.join(self.task_names)}")
+
+    def recipe(self, task: str) -> RecipeParams:
+        """The default recipe with this task's overrides applied."""
+        overrides = self.task(task).finetune.model_dump(exclude_none=True)
+        return RecipeParams.model_validate({**self.finetune.model_dump(), **overrides})
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable short hash of JSON-able values and config sections (key order does not matter)."""
+    def plain(value: Any) -> Any:
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+    text = json.dumps([plain(p) for p in parts], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {path}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_params(data: Any, source: str = "params") -> PipelineParams:
+    """Validate an already-loaded mapping; raises ConfigError naming each bad field path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return PipelineParams.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source} is invalid:\n{_format_errors(exc)}") from None
+
+
+def load_params(path: str | os.PathLike) -> PipelineParams:
+    """Read and validate a params YAML file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"params file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(data, source=str(path))
