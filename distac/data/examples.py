@@ -1,0 +1,121 @@
+"""Task data in one shape for every source: labelled examples, train/validation/test splits, unlabeled views.
+
+Splits are plain sequences of ``TextExample`` / ``ImageExample``. Vision datasets use a lazy
+``DatasetView`` (a sequence that reads one image per access) so a 50k-image dataset is not decoded up front.
+Every subsample is seeded and returns items in their original order, so it is reproducible and stable.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """One sentence (``text_b`` None) or sentence pair; ``label`` None when unlabeled."""
+
+    text_a: str
+    text_b: str | None
+    label: int | None
+
+
+@dataclass(frozen=True)
+class ImageExample:
+    """One image (a PIL image, or a [C, H, W] tensor of raw pixels); ``label`` None when unlabeled."""
+
+    image: Any
+    label: int | None
+
+
+Example = TextExample | ImageExample
+
+
+def strip_label(example: Example) -> Example:
+    if isinstance(example, TextExample):
+        return TextExample(example.text_a, example.text_b, None)
+    return ImageExample(example.image, None)
+
+
+def unlabeled(examples: Sequence[Example]) -> list[Example]:
+    """The same examples with every label set to None (what DisTaC may see)."""
+    return [strip_label(example) for example in examples]
+
+
+class DatasetView(Sequence):
+    """A lazy sequence of ``ImageExample`` over chosen indices of a map-style ``(image, label)`` dataset."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int] | None = None):
+        self.dataset = dataset
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return DatasetView(self.dataset, self.indices[item])
+        image, label = self.dataset[self.indices[item]]
+        return ImageExample(image, int(label))
+
+    def __iter__(self) -> Iterator[ImageExample]:
+        for position in range(len(self)):
+            yield self[position]
+
+    def select(self, positions: Sequence[int]) -> "DatasetView":
+        return DatasetView(self.dataset, [self.indices[p] for p in positions])
+
+
+def take(items: Sequence[Example], positions: Sequence[int]) -> Sequence[Example]:
+    """``items`` at ``positions``; a DatasetView stays lazy, anything else becomes a list."""
+    if isinstance(items, DatasetView):
+        return items.select(positions)
+    return [items[p] for p in positions]
+
+
+def sample_positions(count: int, size: int | None, seed: int | str) -> list[int]:
+    """``size`` distinct positions out of ``count`` (all when size is None or ≥ count), seeded, in order."""
+    if size is None or size >= count:
+        return list(range(count))
+    if size < 0:
+        raise ValueError(f"sample size must be ≥ 0, got {size}")
+    return sorted(random.Random(seed).sample(range(count), size))
+
+
+def subsample(items: Sequence[Example], size: int | None, seed: int | str) -> Sequence[Example]:
+    """A seeded subsample of ``size`` items, kept in their original order."""
+    if size is None or size >= len(items):
+        return items
+    return take(items, sample_positions(len(items), size, seed))
+
+
+def split_off(items: Sequence[Example], fraction: float, seed: int | str
+              ) -> tuple[Sequence[Example], Sequence[Example]]:
+    """Hold out ``round(fraction · n)`` items (seeded): returns (rest, held_out), each in original order."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
+    held = set(sample_positions(len(items), round(fraction * len(items)), seed))
+    rest = [p for p in range(len(items)) if p not in held]
+    return take(items, rest), take(items, sorted(held))
+
+
+@dataclass
+class TaskData:
+    """A classification task: its splits, class count and class names (index = label)."""
+
+    name: str
+    train: Sequence[Example]
+    validation: Sequence[Example]
+    test: Sequence[Example]
+    num_classes: int
+    class_names: list[str]
+
+    def unlabeled(self, n: int | None = None, seed: int = 0) -> list[Example]:
+        """Up to ``n`` training examples (seeded choice, all when None) with their labels removed."""
+        return unlabeled(subsample(self.train, n, f"unlabeled-{seed}"))
+
+    def __repr__(self) -> str:
+        return (f"TaskData({self.name!r}, train={len(self.train)}, validation={len(self.validation)}, "
+                f"test={len(self.test)}, classes={self.class_names})")
