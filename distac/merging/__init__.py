@@ -9,11 +9,18 @@ import torch
 
 from distac.errors import ConfigError
 from distac.merging.base import Merged, MergeMethod, iter_merged
+from distac.merging.consensus import Consensus
+from distac.merging.emr import EMR
+from distac.merging.iso_c import IsoC
+from distac.merging.iso_cts import IsoCTS
 from distac.merging.task_arithmetic import TaskArithmetic
+from distac.merging.ties import Ties
+from distac.merging.tsv import TSV
+from distac.merging.wudi import WUDI
 from distac.vectors import TaskVector
 
 METHODS: dict[str, type[MergeMethod]] = {
-    cls.name: cls for cls in (TaskArithmetic,)
+    cls.name: cls for cls in (TaskArithmetic, Ties, Consensus, TSV, IsoC, IsoCTS, EMR, WUDI)
 }
 
 

@@ -141,3 +141,38 @@ class Merged:
             return self.vector
         scale, mask = self.scales[index], self.masks[index]
         return TaskVector({k: scale * mask[k].to(v.dtype) * v for k, v in self.vector.items()}, check=False)
+
+
+# ----------------------------------------------------------------------------- hyperparameter checks
+
+
+def check_number(method: str, name: str, value: Any, *, minimum: float | None = None,
+                 maximum: float | None = None, exclusive_minimum: bool = False, integer: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is a finite number (an int when ``integer``) within the bounds."""
+    import math
+
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        raise ConfigError(f"{method}: {name} must be {kind}, got {value!r}")
+    too_low = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
+    too_high = maximum is not None and value > maximum
+    if too_low or too_high:
+        low = "" if minimum is None else f"{'>' if exclusive_minimum else '>='} {minimum}"
+        high = "" if maximum is None else f"<= {maximum}"
+        raise ConfigError(f"{method}: {name} must be {' and '.join(p for p in (low, high) if p)}, got {value!r}")
+
+
+def check_patterns(method: str, name: str, value: Any) -> tuple[str, ...]:
+    """A tuple of valid regular expressions (a single string is accepted as a one-element tuple)."""
+    import re
+
+    patterns = (value,) if isinstance(value, str) else value
+    if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{method}: {name} must be a tuple of regular expressions, got {value!r}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{method}: {name} pattern {pattern!r} is not a valid regex ({exc})") from None
+    return tuple(patterns)

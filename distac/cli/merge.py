@@ -1,0 +1,122 @@
+"""``distac merge`` (stream checkpoints through a merge method) and ``distac materialize`` (write the model
+one task is served with from a merge's output)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from typing import Any
+
+from distac import io
+from distac.errors import ConfigError
+from distac.merging import METHODS, get_method
+from distac.merging.streaming import materialize, merge_checkpoints
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '64MiB' or a byte count → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 2GB, 500MB, 64MiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_value(text: str, default: Any = None) -> Any:
+    """A --set value, typed after the hyperparameter's default when it has one, else guessed:
+    true/false → bool, int, float, a comma list → tuple of str, else the string."""
+    lowered = text.strip().lower()
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    if isinstance(default, bool) or (default is None and lowered in ("true", "false")):
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"expected a boolean (true/false), got {text!r}")
+        return lowered in ("true", "1", "yes")
+    for kind in (int, float):
+        if default is None or isinstance(default, kind) or (kind is float and isinstance(default, int)):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    if default is not None and isinstance(default, (int, float)):
+        raise ConfigError(f"expected a number, got {text!r}")
+    return tuple(p.strip() for p in text.split(",")) if "," in text else text
+
+
+def hyperparameters_from_args(method_name: str, alpha: float | None, settings: list[str]) -> dict[str, Any]:
+    """--alpha and --set key=value pairs → keyword arguments for the named method."""
+    if method_name not in METHODS:
+        raise ConfigError(f"unknown merge method {method_name!r}; available: {', '.join(sorted(METHODS))}")
+    defaults = METHODS[method_name].hyperparameters()
+    values: dict[str, Any] = {}
+    if alpha is not None:
+        values["alpha"] = alpha
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {setting!r}")
+        if key not in defaults:
+            raise ConfigError(f"{method_name} has no hyperparameter {key!r}; "
+                              f"it accepts: {', '.join(sorted(defaults)) or 'none'}")
+        try:
+            values[key] = parse_value(text, defaults[key])
+        except ConfigError as exc:
+            raise ConfigError(f"--set {key}: {exc}") from None
+    return values
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    method = get_method(args.method, **hyperparameters_from_args(args.method, args.alpha, args.set))
+    record = merge_checkpoints(method, args.pretrained, args.finetuned, args.out, include=args.include,
+                               exclude=args.exclude, device=args.device, max_shard_bytes=args.shard_size,
+                               progress=not args.no_progress, write_model=not args.no_model)
+    settings = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(method).items()) or "no hyperparameters"
+    print(f"merged {record['num_tasks']} tasks over {record['num_tensors']} tensors with {method.name} "
+          f"({settings}) into {args.out}")
+    if record["scales"] is not None:
+        print("per-task scales: " + ", ".join(f"{s:.6g}" for s in record["scales"]))
+    return 0
+
+
+def run_materialize(args: argparse.Namespace) -> int:
+    materialize(args.merged, args.pretrained, args.task, args.out, max_shard_bytes=args.shard_size,
+                progress=not args.no_progress)
+    print(f"wrote the model for task {args.task} to {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge", help="merge fine-tuned checkpoints tensor by tensor",
+        description="Stream fine-tuned checkpoints through a merge method; writes OUT/vector, OUT/model "
+                    "(not for emr), OUT/masks (emr) and OUT/merge.json. Methods: " + ", ".join(sorted(METHODS)))
+    parser.add_argument("--method", required=True, help="merge method: " + ", ".join(sorted(METHODS)))
+    parser.add_argument("--pretrained", required=True, help="pretrained checkpoint (file, directory or s3:// URI)")
+    parser.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned checkpoints, one per task")
+    parser.add_argument("--out", required=True, help="output directory (local or s3://)")
+    parser.add_argument("--alpha", type=float, help="scaling coefficient α (methods that have one)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method hyperparameter, e.g. k=0.1 or exclude_2d=text_projection,proj (repeatable)")
+    parser.add_argument("--include", nargs="+", metavar="RE", help="merge only keys matching one of these regexes")
+    parser.add_argument("--exclude", nargs="+", metavar="RE", help="leave out keys matching one of these regexes")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="compute device (default: cuda when present)")
+    parser.add_argument("--shard-size", type=parse_size, default=io.DEFAULT_SHARD_BYTES,
+                        help="largest output shard, e.g. 2GB (default), 500MB")
+    parser.add_argument("--no-model", action="store_true", help="write only the merged vector, not θ_pre + τ_m")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_merge)
+
+    parser = subparsers.add_parser("materialize", help="write the model one task is served with after a merge",
+                                   description="θ_pre + τ_m (emr: θ_pre + λ_i M_i ⊙ τ_uni) for task I.")
+    parser.add_argument("--merged", required=True, help="output directory of `distac merge`")
+    parser.add_argument("--pretrained", required=True, help="the pretrained checkpoint the merge used")
+    parser.add_argument("--task", required=True, type=int, help="task index (order of --finetuned)")
+    parser.add_argument("--out", required=True, help="model to write (directory, .safetensors or .pt)")
+    parser.add_argument("--shard-size", type=parse_size, default=io.DEFAULT_SHARD_BYTES, help="largest shard")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_materialize)

@@ -1,0 +1,221 @@
+"""Streaming merge: checkpoints in, sharded safetensors out, one tensor at a time.
+
+``merge_checkpoints`` reads the pretrained and fine-tuned checkpoints lazily, runs the same engine as the
+in-memory ``merge`` (``iter_merged``) and writes, under OUT::
+
+    vector/            τ_m (EMR: the unified vector τ_uni), sharded safetensors in the inputs' dtype
+    masks/task-<i>/    EMR only: task i's boolean mask
+    model/             θ_pre + τ_m over every pretrained key (other keys passed through); not for EMR
+    merge.json         method, hyperparameters, inputs, number of tasks, EMR scales, path and device
+
+Memory holds T input tensors of one key plus the writers' shard buffers (``max_shard_bytes`` each; EMR's
+masks take one byte per entry). The model is written in a second pass that reads the staged vector back,
+so the two outputs never buffer at the same time. Everything is staged in a temporary directory and
+appears at OUT only when the whole merge succeeded (S3: uploaded with merge.json last).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from distac import io
+from distac.errors import CheckpointError, ConfigError, MismatchError
+from distac.merging import Merged, MergeMethod, get_method
+from distac.merging.base import iter_merged
+from distac.vectors import LazyTaskVector, TaskVector
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = "merge.json"
+VECTOR_DIR = "vector"
+MODEL_DIR = "model"
+
+
+def mask_dir(task_index: int) -> str:
+    return f"masks/task-{task_index}"
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """The compute device: the accelerator when present unless told otherwise; a clear error if absent."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {device!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} was requested but no CUDA device is available")
+    return device
+
+
+@contextlib.contextmanager
+def staged_directory(out_uri: str) -> Iterator[str]:
+    """A local directory to build OUT in; moved (or uploaded, merge.json last) to OUT only on success."""
+    local = io.is_local(out_uri)
+    final = io.url_to_fs(out_uri)[1] if local else None
+    parent = os.path.dirname(os.path.abspath(final)) if final else None
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".distac-merge-", dir=parent)
+    try:
+        yield staging
+        if local:
+            _move_into_place(staging, final)
+        else:
+            _upload(staging, out_uri)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: str, final: str) -> None:
+    if not os.path.exists(final):
+        os.replace(staging, final)
+        return
+    old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _upload(staging: str, out_uri: str) -> None:
+    fs, path = io.url_to_fs(out_uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    files = sorted(os.path.relpath(os.path.join(root, name), staging)
+                   for root, _, names in os.walk(staging) for name in names)
+    files.sort(key=lambda name: name == RECORD_NAME)  # the record marks a complete merge: upload it last
+    for name in files:
+        fs.put_file(os.path.join(staging, name), f"{path}/{name}")
+
+
+def write_served_model(pretrained: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor], out_uri: str,
+                       mask: Mapping[str, torch.Tensor] | None = None, scale: float = 1.0,
+                       max_shard_bytes: int = io.DEFAULT_SHARD_BYTES, progress: bool = False) -> None:
+    """Write θ_pre + scale · mask ⊙ vector over every pretrained key, one tensor at a time."""
+    missing = [key for key in vector if key not in pretrained]
+    if missing:
+        raise MismatchError(f"the pretrained model lacks merged tensors: {', '.join(missing[:5])}")
+    single_file = str(out_uri).endswith((io.SAFETENSORS_SUFFIX, *io.TORCH_SUFFIXES))
+    collected: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        writer = None if single_file else stack.enter_context(io.ShardedSafetensorsWriter(out_uri, max_shard_bytes))
+        for key in tqdm(list(pretrained), desc="write model", unit="tensor", disable=not progress):
+            tensor = pretrained[key]
+            if key in vector:
+                delta = vector[key]
+                if delta.shape != tensor.shape:
+                    raise MismatchError(f"tensor {key!r}: shape {tuple(delta.shape)} in the merge, "
+                                        f"{tuple(tensor.shape)} in the pretrained model")
+                if mask is not None:
+                    delta = scale * mask[key].to(delta.dtype) * delta
+                tensor = (tensor + delta.to(tensor.dtype)).to(tensor.dtype)
+            if writer is None:
+                collected[key] = tensor
+            else:
+                writer.add(key, tensor)
+    if single_file:
+        io.save_state_dict(collected, out_uri)
+
+
+def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_uris: Sequence[str], out_uri: str,
+                      include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                      device: torch.device | str | None = None, max_shard_bytes: int = io.DEFAULT_SHARD_BYTES,
+                      progress: bool = True, write_model: bool = True) -> dict[str, Any]:
+    """Merge fine-tuned checkpoints tensor by tensor into OUT (layout in the module docstring).
+
+    Returns the record written to OUT/merge.json.
+    """
+    method = get_method(method) if isinstance(method, str) else method
+    if not finetuned_uris:
+        raise ConfigError("merging needs at least one fine-tuned checkpoint")
+    device = resolve_device(device)
+    out_uri = str(out_uri).rstrip("/")
+    pretrained = io.open_checkpoint(pretrained_uri)
+    vectors = [LazyTaskVector(pretrained, io.open_checkpoint(uri), include, exclude, name=str(uri))
+               for uri in finetuned_uris]
+    num_tasks = len(vectors)
+    log.info("merging %d checkpoints with %s over %d tensors on %s", num_tasks, method.name, len(vectors[0]), device)
+
+    with staged_directory(out_uri) as staging:
+        with contextlib.ExitStack() as writers:
+            vector_writer = writers.enter_context(
+                io.ShardedSafetensorsWriter(os.path.join(staging, VECTOR_DIR), max_shard_bytes))
+            mask_writers = [writers.enter_context(io.ShardedSafetensorsWriter(os.path.join(staging, mask_dir(i)),
+                                                                              max_shard_bytes))
+                            for i in range(num_tasks)] if method.per_task else []
+            for key, result in iter_merged(method, vectors, device=device, progress=progress):
+                if isinstance(result, torch.Tensor):
+                    vector_writer.add(key, result)
+                    continue
+                vector_writer.add(key, result["vector"])
+                for i, writer in enumerate(mask_writers):
+                    writer.add(key, result[f"mask/{i}"])
+        info = method.finish()
+        scales = info.pop("scales", None)
+        model_written = write_model and not method.per_task
+        if model_written:
+            write_served_model(pretrained, io.open_checkpoint(os.path.join(staging, VECTOR_DIR)),
+                               os.path.join(staging, MODEL_DIR), max_shard_bytes=max_shard_bytes, progress=progress)
+        record = {
+            "method": method.name,
+            "hyperparameters": dataclasses.asdict(method),
+            "inputs": {"pretrained": str(pretrained_uri), "finetuned": [str(u) for u in finetuned_uris],
+                       "include": list(include or []), "exclude": list(exclude or [])},
+            "num_tasks": num_tasks,
+            "num_tensors": len(vectors[0]),
+            "per_task": method.per_task,
+            "scales": scales,
+            "outputs": {"vector": VECTOR_DIR, "model": MODEL_DIR if model_written else None,
+                        "masks": [mask_dir(i) for i in range(num_tasks)] if method.per_task else None},
+            "path": "streaming",
+            "device": str(device),
+            "info": info,
+        }
+        io.write_json(record, os.path.join(staging, RECORD_NAME))
+    log.info("wrote %s", out_uri)
+    return record
+
+
+def read_record(out_uri: str) -> dict[str, Any]:
+    record = io.read_json(io.join_uri(out_uri, RECORD_NAME))
+    if not isinstance(record, dict) or "method" not in record or "num_tasks" not in record:
+        raise CheckpointError(f"{io.join_uri(out_uri, RECORD_NAME)} is not a distac merge record")
+    return record
+
+
+def load_merged(out_uri: str) -> Merged:
+    """Read a streaming merge's output back into memory as a ``Merged``."""
+    record = read_record(out_uri)
+    vector = TaskVector(io.load_state_dict(io.join_uri(out_uri, VECTOR_DIR)))
+    masks = scales = None
+    if record["per_task"]:
+        masks = tuple(io.load_state_dict(io.join_uri(out_uri, mask_dir(i))) for i in range(record["num_tasks"]))
+        scales = tuple(record["scales"])
+    return Merged(method=record["method"], vector=vector, num_tasks=record["num_tasks"], masks=masks,
+                  scales=scales, info=record)
+
+
+def materialize(out_uri: str, pretrained_uri: str, task_index: int, model_uri: str,
+                max_shard_bytes: int = io.DEFAULT_SHARD_BYTES, progress: bool = False) -> None:
+    """Write the model task ``task_index`` is served with: θ_pre + τ_m (EMR: θ_pre + λ_i M_i ⊙ τ_uni)."""
+    record = read_record(out_uri)
+    if not 0 <= task_index < record["num_tasks"]:
+        raise ConfigError(f"task index {task_index} is out of range: {out_uri} merged {record['num_tasks']} tasks")
+    vector = io.open_checkpoint(io.join_uri(out_uri, VECTOR_DIR))
+    mask, scale = None, 1.0
+    if record["per_task"]:
+        mask = io.open_checkpoint(io.join_uri(out_uri, mask_dir(task_index)))
+        scale = float(record["scales"][task_index])
+    write_served_model(io.open_checkpoint(pretrained_uri), vector, model_uri, mask=mask, scale=scale,
+                       max_shard_bytes=max_shard_bytes, progress=progress)

@@ -1,0 +1,108 @@
+"""TIES-Merging: trim, elect sign, disjoint mean.
+
+Trim: in each τ_t keep the entries whose magnitude is in the top ``k`` fraction of that *whole* task vector
+(global over all its tensors). Elect: γ = sign(Σ_t τ̂_t). Disjoint mean: each entry is the mean of the
+trimmed, non-zero entries whose sign equals γ (0 if none). τ_m = α · that.
+
+Threshold and tie rule: with N_t entries in τ_t, n = ⌈k·N_t⌉ entries are to be kept; the threshold is
+exactly the n-th largest magnitude and every entry with |τ_t| ≥ threshold is kept, so entries tied with
+the threshold are all kept (as the reference's ``>= kthvalue``), possibly more than n.
+
+The threshold is a whole-model quantity, found in a first pass with bounded memory and no approximation:
+a non-negative float32's bit pattern read as an int32 orders like the float itself, so a histogram of the
+high 16 bits locates the bin holding the n-th largest magnitude, and a second histogram of the low 16 bits
+of the entries in that bin pins the exact value (a two-digit radix select, 2 × T × 64 Ki counters).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from distac.merging.base import MergeMethod, check_number, load_tensors
+
+log = logging.getLogger(__name__)
+
+_HIGH_BINS = 1 << 15  # the sign bit of |x| is 0, so the high half-word is < 2**15
+_LOW_BINS = 1 << 16
+
+
+def magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """|tensor| (float32) reinterpreted as int32: monotone in the magnitude."""
+    return tensor.float().abs().contiguous().view(torch.int32).flatten()
+
+
+def _select_from_top(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bin holding the ``rank``-th largest item (1-based) and that item's rank inside the bin."""
+    from_top = counts.flip(0).cumsum(0)
+    position = int(torch.searchsorted(from_top, torch.tensor(rank, device=counts.device)))
+    above = int(from_top[position - 1]) if position else 0
+    return counts.numel() - 1 - position, rank - above
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+
+
+def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str], k: float,
+                     device: torch.device) -> list[float]:
+    """Per task vector, the exact ⌈k·N⌉-th largest magnitude over all its tensors (two passes)."""
+    num_tasks = len(vectors)
+    high = torch.zeros(num_tasks, _HIGH_BINS, dtype=torch.int64, device=device)
+    for key in keys:
+        tensors, _ = load_tensors(key, vectors, device)
+        for t, tensor in enumerate(tensors):
+            high[t] += torch.bincount(magnitude_bits(tensor) >> 16, minlength=_HIGH_BINS)
+    totals = high.sum(dim=1).tolist()
+    wanted = [max(1, math.ceil(k * total)) for total in totals]
+    bins, ranks = zip(*(_select_from_top(high[t], wanted[t]) if totals[t] else (0, 0) for t in range(num_tasks)))
+
+    low = torch.zeros(num_tasks, _LOW_BINS, dtype=torch.int64, device=device)
+    for key in keys:
+        tensors, _ = load_tensors(key, vectors, device)
+        for t, tensor in enumerate(tensors):
+            bits = magnitude_bits(tensor)
+            in_bin = bits[(bits >> 16) == bins[t]] & 0xFFFF
+            low[t] += torch.bincount(in_bin, minlength=_LOW_BINS)
+    thresholds = []
+    for t in range(num_tasks):
+        if not totals[t]:
+            thresholds.append(0.0)
+            continue
+        low_bits, _ = _select_from_top(low[t], ranks[t])
+        thresholds.append(_bits_to_float((bins[t] << 16) | low_bits))
+    return thresholds
+
+
+@dataclass
+class Ties(MergeMethod):
+    name = "ties"
+    needs_first_pass = True
+    alpha: float = 1.0
+    k: float = 0.2
+
+    def validate(self) -> None:
+        check_number(self.name, "alpha", self.alpha)
+        check_number(self.name, "k", self.k, minimum=0.0, exclusive_minimum=True, maximum=1.0)
+
+    def prepare(self, vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
+                device: torch.device) -> None:
+        if self.k == 1:  # keep everything: no pass needed
+            self.thresholds = [0.0] * len(vectors)
+            return
+        log.info("ties: two passes over %d tensors to find each task's global top-%g threshold", len(keys), self.k)
+        self.thresholds = top_k_thresholds(vectors, keys, self.k, device)
+
+    def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        thresholds = getattr(self, "thresholds", None)
+        if thresholds is None or len(thresholds) != len(tensors):
+            raise RuntimeError("ties: prepare() must run over the same task vectors before merge_tensor()")
+        trimmed = torch.stack([torch.where(t.abs() >= limit, t, 0.0) for t, limit in zip(tensors, thresholds)])
+        elected = torch.sign(trimmed.sum(dim=0))
+        agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
+        total = torch.where(agrees, trimmed, 0.0).sum(dim=0)
+        return self.alpha * total / agrees.sum(dim=0).clamp(min=1)

@@ -1,0 +1,54 @@
+"""TSV-M (Task Singular Vectors, merge variant).
+
+For each 2-D tensor: keep the top r = ⌊min(m, n)/T⌋ singular triplets of every τ_t, concatenate the kept
+U's, singular values and V's of all tasks, replace the concatenated U and V by their polar factors (the
+closest matrices with orthonormal columns) and rebuild U⊥ diag(S) V⊥ᵀ. Non-2-D tensors (and keys matching
+``exclude_2d``): mean over tasks. τ_m = α · that.
+
+When T > min(m, n), r would be 0 and the tensor would vanish; such a tensor gets the non-2-D treatment
+instead (a choice of this project; the reference code silently returns zeros).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from distac.merging.base import MergeMethod, check_number, check_patterns, is_matrix
+from distac.merging.linalg import mean_over_tasks, polar_factor, svd
+
+log = logging.getLogger(__name__)
+
+
+def tsv_factors(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U⊥, S, V⊥): orthonormalized concatenation of every task's top ⌊min(m,n)/T⌋ singular triplets."""
+    rank = min(tensors[0].shape) // len(tensors)
+    us, ss, vs = [], [], []
+    for tensor in tensors:
+        u, s, v = svd(tensor)
+        us.append(u[:, :rank])
+        ss.append(s[:rank])
+        vs.append(v[:, :rank])
+    return polar_factor(torch.cat(us, dim=1)), torch.cat(ss), polar_factor(torch.cat(vs, dim=1))
+
+
+@dataclass
+class TSV(MergeMethod):
+    name = "tsv"
+    alpha: float = 1.0
+    exclude_2d: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        check_number(self.name, "alpha", self.alpha)
+        self.exclude_2d = check_patterns(self.name, "exclude_2d", self.exclude_2d)
+
+    def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not is_matrix(key, tensors[0], self.exclude_2d):
+            return self.alpha * mean_over_tasks(tensors)
+        if min(tensors[0].shape) < len(tensors):
+            log.warning("tsv: %r has rank < %d tasks; merged by the mean instead", key, len(tensors))
+            return self.alpha * mean_over_tasks(tensors)
+        u, s, v = tsv_factors(tensors)
+        return self.alpha * (u * s) @ v.mT
