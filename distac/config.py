@@ -36,7 +36,7 @@ class ModelParams(Section):
 
     kind: Literal["hf_text", "open_clip"] = "hf_text"
     name_or_path: str = "minilm"
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls", "last"] = "mean"
     max_length: PositiveInt = 128
     options: dict[str, Any] = Field(default_factory=dict, description="extra adapter arguments")
 
@@ -116,7 +116,7 @@ class ConditioningParams(Section):
     tasks: Literal["auto"] | list[Literal[GLUE_TASKS]] = "auto"  # type: ignore[valid-type]
     kappa: KappaParams = Field(default_factory=KappaParams)
     teacher_temperature: PositiveFloat = 1.0
-    student_temperature: PositiveFloat = 2.0
+    student_temperature: PositiveFloat = 1.0
     beta: NonNegativeFloat = 0.1
     lr: PositiveFloat = 1e-5
     steps: PositiveInt = 100

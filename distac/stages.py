@@ -1,0 +1,563 @@
+"""The pipeline's stages: one function per stage, each reading its inputs from the storage root and writing
+its outputs there atomically.
+
+Layout under ``params.storage.root`` (a local directory or ``s3://bucket/prefix``)::
+
+    pretrained/                      θ_pre (backbone)
+    finetune/<task>/                 fine-tuned model (backbone/, head.safetensors, meta.json), metrics.json
+    vectors/<task>/                  task_vector.safetensors, stats.json
+    diagnosis/                       diagnosis.json (incl. the tasks to condition), diagnosis.md
+    conditioned/<task>/              task_vector.safetensors (only if conditioned), summary.json
+    merged/<method>[-distac]/        vector.safetensors or served/<task>.safetensors, merge.json
+    evaluation/<method>[-distac]/    evaluation.json
+    report/                          results.md, results.csv, results.png, plot.csv, metrics.json
+
+Each stage directory ends with ``_done.json``, written last, holding the stage's fingerprint: a hash of
+its parameters and of its upstream stages' fingerprints. A stage whose manifest matches is skipped, so an
+interrupted run resumes where it stopped and a re-run with nothing changed does no work. The manifest is
+deleted before a stage starts, so a half-rewritten stage directory never looks finished.
+
+This module is plain library code (no Prefect, MLflow or DVC): the Prefect tasks, the ``distac stage``
+command and DVC all call these functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as stdio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distac import io
+from distac.config import PipelineParams, fingerprint
+from distac.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+STAGES = ("pretrained", "finetune", "extract", "diagnose", "condition", "merge", "evaluate", "report")
+MANIFEST = "_done.json"
+VECTOR_FILE = "task_vector.safetensors"
+EVAL_BATCH_SIZE = 64
+
+
+@dataclass
+class StageResult:
+    """What a stage did: where its outputs are, whether it was skipped, and a JSON-able summary."""
+
+    stage: str
+    key: str
+    uri: str
+    fingerprint: str
+    skipped: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+
+def variant_name(method: str, conditioned: bool) -> str:
+    """``ties`` as-is, ``ties-distac`` after DisTaC conditioning."""
+    return f"{method}-distac" if conditioned else method
+
+
+def stage_dir(params: PipelineParams, stage: str, task: str | None = None, method: str | None = None,
+              conditioned: bool = False) -> str:
+    root = params.storage.root
+    if stage == "pretrained":
+        return io.join_uri(root, "pretrained")
+    if stage in ("finetune", "extract", "condition"):
+        folder = {"finetune": "finetune", "extract": "vectors", "condition": "conditioned"}[stage]
+        return io.join_uri(root, folder, _known_task(params, task))
+    if stage == "diagnose":
+        return io.join_uri(root, "diagnosis")
+    if stage in ("merge", "evaluate"):
+        folder = "merged" if stage == "merge" else "evaluation"
+        return io.join_uri(root, folder, variant_name(_known_method(params, method), conditioned))
+    if stage == "report":
+        return io.join_uri(root, "report")
+    raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def _known_task(params: PipelineParams, task: str | None) -> str:
+    if task is None:
+        raise ConfigError("this stage needs a task (--task)")
+    return params.task(task).name
+
+
+def _known_method(params: PipelineParams, method: str | None) -> str:
+    if method is None:
+        raise ConfigError("this stage needs a merge method (--method)")
+    return params.merge.method(method).name
+
+
+# --------------------------------------------------------------------------------------------- fingerprints
+
+
+def stage_fingerprint(params: PipelineParams, stage: str, task: str | None = None, method: str | None = None,
+                      conditioned: bool = False) -> str:
+    """A hash of everything a stage's outputs depend on: its parameters and its upstream fingerprints."""
+    fp = stage_fingerprint
+    tasks = params.task_names
+    if stage == "pretrained":
+        return fingerprint(stage, params.model)
+    if stage == "finetune":
+        return fingerprint(stage, _known_task(params, task), fp(params, "pretrained"), params.data,
+                           params.recipe(task))
+    if stage == "extract":
+        return fingerprint(stage, fp(params, "finetune", task))
+    if stage == "diagnose":
+        return fingerprint(stage, [fp(params, "extract", t) for t in tasks], params.diagnosis,
+                           params.conditioning.tasks)
+    if stage == "condition":
+        return fingerprint(stage, _known_task(params, task), fp(params, "diagnose"), params.conditioning)
+    if stage == "merge":
+        method_params = params.merge.method(_known_method(params, method))
+        upstream = [fp(params, "condition" if conditioned else "extract", t) for t in tasks]
+        grid = params.merge.alpha_grid if method_params.alpha == "search" else None
+        return fingerprint(stage, method_params, conditioned, upstream, grid)
+    if stage == "evaluate":
+        return fingerprint(stage, fp(params, "merge", method=method, conditioned=conditioned))
+    if stage == "report":
+        return fingerprint(stage, [fp(params, "evaluate", method=m, conditioned=c)
+                                   for m in params.method_names for c in (False, True)])
+    raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def read_manifest(uri: str) -> dict[str, Any] | None:
+    """The stage's ``_done.json`` or None when it has not finished."""
+    fs, path = io.url_to_fs(io.join_uri(uri, MANIFEST))
+    try:
+        return io.read_json(io.join_uri(uri, MANIFEST)) if fs.exists(path) else None
+    except CheckpointError:
+        return None
+
+
+def is_done(params: PipelineParams, stage: str, **where: Any) -> bool:
+    """Whether the stage finished with exactly the current inputs and parameters."""
+    manifest = read_manifest(stage_dir(params, stage, **where))
+    return manifest is not None and manifest.get("fingerprint") == stage_fingerprint(params, stage, **where)
+
+
+def _run(params: PipelineParams, stage: str, work: Callable[[str], dict[str, Any]], *, force: bool = False,
+         **where: Any) -> StageResult:
+    """Skip the stage if its manifest matches; otherwise clear the manifest, do the work, write it."""
+    uri = stage_dir(params, stage, **where)
+    key = "/".join([stage, *(str(v) for v in where.values() if v not in (None, False))])
+    if where.get("conditioned"):
+        key = key.replace("/True", "/distac")
+    expected = stage_fingerprint(params, stage, **where)
+    manifest = read_manifest(uri)
+    if not force and manifest is not None and manifest.get("fingerprint") == expected:
+        log.info("%s: up to date, skipped", key)
+        return StageResult(stage, key, uri, expected, True, manifest.get("summary", {}))
+    fs, path = io.url_to_fs(io.join_uri(uri, MANIFEST))
+    if manifest is not None:
+        fs.rm(path)
+    log.info("%s: running", key)
+    started = time.perf_counter()
+    summary = work(uri)
+    seconds = time.perf_counter() - started
+    io.write_json({"stage": stage, "key": key, "fingerprint": expected, "seconds": round(seconds, 3),
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "summary": summary},
+                  io.join_uri(uri, MANIFEST))
+    log.info("%s: done in %.1f s", key, seconds)
+    return StageResult(stage, key, uri, expected, False, summary, seconds)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_device(params: PipelineParams) -> torch.device:
+    wanted = params.execution.device
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("execution.device is 'cuda' but no CUDA device is available")
+    return torch.device(wanted)
+
+
+def _setup(params: PipelineParams) -> None:
+    if params.execution.torch_threads:
+        torch.set_num_threads(params.execution.torch_threads)
+
+
+def _adapter(params: PipelineParams):
+    from distac.models import build_adapter
+
+    return build_adapter(params.model.adapter_spec())
+
+
+def _task_data(params: PipelineParams, task: str):
+    from distac.data import load_task
+
+    data = params.data
+    return load_task(task, root=data.glue_dir, max_train=data.max_train, max_eval=data.max_eval,
+                     validation_fraction=data.validation_fraction, seed=data.seed)
+
+
+def _pretrained_backbone(params: PipelineParams) -> dict[str, torch.Tensor]:
+    from distac.models.store import backbone_uri
+
+    return io.load_state_dict(backbone_uri(stage_dir(params, "pretrained")))
+
+
+def _load_vector(params: PipelineParams, task: str, conditioned: bool):
+    """The task's vector: the DisTaC-conditioned one when asked for and the task was conditioned."""
+    from distac.vectors import TaskVector
+
+    if conditioned and read_json(stage_dir(params, "condition", task=task), "summary.json")["conditioned"]:
+        return TaskVector.load(io.join_uri(stage_dir(params, "condition", task=task), VECTOR_FILE))
+    return TaskVector.load(io.join_uri(stage_dir(params, "extract", task=task), VECTOR_FILE))
+
+
+def read_json(uri: str, name: str) -> Any:
+    return io.read_json(io.join_uri(uri, name))
+
+
+def _finetuned_accuracy(params: PipelineParams, split: str) -> dict[str, float]:
+    return {t: read_json(stage_dir(params, "finetune", task=t), "metrics.json")[f"{split}_accuracy"]
+            for t in params.task_names}
+
+
+def _evaluate(model, examples, adapter, device: torch.device) -> tuple[float, torch.Tensor]:
+    from distac.evaluation import accuracy, labels_of, predict_logits
+
+    logits = predict_logits(model.to(device), examples, adapter.collate, batch_size=EVAL_BATCH_SIZE)
+    return accuracy(logits, labels_of(examples)), logits
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def pretrained(params: PipelineParams, *, force: bool = False) -> StageResult:
+    """Store θ_pre, the backbone every task vector is measured from."""
+    def work(uri: str) -> dict[str, Any]:
+        from distac.models.store import save_pretrained
+
+        _setup(params)
+        adapter = _adapter(params)
+        save_pretrained(adapter, uri)
+        state = adapter.pretrained_backbone_state()
+        return {"tensors": len(state), "parameters": sum(t.numel() for t in state.values())}
+
+    return _run(params, "pretrained", work, force=force)
+
+
+def finetune(params: PipelineParams, task: str, *, on_step: MetricsCallback | None = None,
+             progress: bool = True, force: bool = False) -> StageResult:
+    """Fine-tune the pretrained model on one task with its recipe; record its validation/test accuracy."""
+    def work(uri: str) -> dict[str, Any]:
+        from distac.models.store import save_task_model
+        from distac.training import FinetuneRecipe
+        from distac.training import finetune as run_finetune
+
+        _setup(params)
+        adapter, data, recipe = _adapter(params), _task_data(params, task), params.recipe(task)
+        device = resolve_device(params)
+        result = run_finetune(adapter, data, FinetuneRecipe(**recipe.model_dump()), progress=progress,
+                              on_step=on_step)
+        model = result.model.to(device)
+        val_acc, val_logits = _evaluate(model, data.validation, adapter, device)
+        test_acc, _ = _evaluate(model, data.test, adapter, device)
+        from distac.calibration import confidence_stats
+
+        metrics = {"validation_accuracy": val_acc, "test_accuracy": test_acc,
+                   "validation_mean_max_prob": confidence_stats(val_logits).mean_max_prob,
+                   "train_examples": len(data.train)}
+        save_task_model(io.join_uri(uri, "model"), model.cpu(), adapter, data.name, data.num_classes,
+                        list(data.class_names), extra={"recipe": recipe.model_dump(), **metrics})
+        io.write_json(metrics, io.join_uri(uri, "metrics.json"))
+        io.write_json(_jsonable(result.history), io.join_uri(uri, "history.json"))
+        return metrics
+
+    return _run(params, "finetune", work, task=task, force=force)
+
+
+def extract(params: PipelineParams, task: str, *, force: bool = False) -> StageResult:
+    """τ_t = θ_t − θ_pre over the shared backbone."""
+    def work(uri: str) -> dict[str, Any]:
+        from distac.models.store import backbone_uri
+        from distac.vectors import TaskVector
+
+        vector = TaskVector.from_checkpoints(backbone_uri(stage_dir(params, "pretrained")),
+                                             backbone_uri(io.join_uri(stage_dir(params, "finetune", task=task),
+                                                                      "model")))
+        vector.save(io.join_uri(uri, VECTOR_FILE))
+        stats = {"norm": vector.norm(), "tensors": len(vector),
+                 "parameters": sum(t.numel() for t in vector.values())}
+        io.write_json(stats, io.join_uri(uri, "stats.json"))
+        return stats
+
+    return _run(params, "extract", work, task=task, force=force)
+
+
+def diagnose(params: PipelineParams, *, force: bool = False) -> StageResult:
+    """Norm and confidence diagnostics of the source task vectors; decides which tasks DisTaC conditions."""
+    def work(uri: str) -> dict[str, Any]:
+        from distac.diagnostics import diagnose as run_diagnose
+
+        tasks = params.task_names
+        norms = {t: read_json(stage_dir(params, "extract", task=t), "stats.json")["norm"] for t in tasks}
+        confidence = {t: read_json(stage_dir(params, "finetune", task=t), "metrics.json")
+                      ["validation_mean_max_prob"] for t in tasks}
+        diagnosis = run_diagnose(norms=norms, confidence=confidence,
+                                 norm_ratio_threshold=params.diagnosis.norm_ratio,
+                                 confidence_threshold=params.diagnosis.min_confidence)
+        configured = params.conditioning.tasks
+        selected = sorted(diagnosis.flagged_tasks) if configured == "auto" else list(configured)
+        selected = [t for t in tasks if t in selected]
+        report = {**diagnosis.to_dict(), "norms": norms, "confidence": confidence, "conditioned_tasks": selected}
+        io.write_json(report, io.join_uri(uri, "diagnosis.json"))
+        io.write_bytes_atomic(diagnosis.to_markdown().encode(), io.join_uri(uri, "diagnosis.md"))
+        return {"conditioned_tasks": selected, "recommendation": diagnosis.recommendation}
+
+    return _run(params, "diagnose", work, force=force)
+
+
+def conditioned_tasks(params: PipelineParams) -> list[str]:
+    """The tasks the finished diagnose stage selected for DisTaC."""
+    return read_json(stage_dir(params, "diagnose"), "diagnosis.json")["conditioned_tasks"]
+
+
+def _kappa_options(params: PipelineParams) -> dict[str, float]:
+    kappa = params.conditioning.kappa
+    if kappa.policy == "explicit":
+        return {"kappa": kappa.value}
+    if kappa.policy == "target_norm":
+        return {"target_norm": kappa.value}
+    norms = [read_json(stage_dir(params, "extract", task=t), "stats.json")["norm"] for t in params.task_names]
+    return {"target_norm": min(norms)}
+
+
+def condition(params: PipelineParams, task: str, *, on_log: MetricsCallback | None = None,
+              progress: bool = True, force: bool = False) -> StageResult:
+    """DisTaC on one task if the diagnosis selected it; otherwise record that it is served as-is."""
+    def work(uri: str) -> dict[str, Any]:
+        if task not in conditioned_tasks(params):
+            summary = {"conditioned": False}
+            io.write_json(summary, io.join_uri(uri, "summary.json"))
+            return summary
+        from distac.conditioning import DistacConfig
+        from distac.conditioning import condition as run_condition
+        from distac.models.store import load_task_model
+        from distac.vectors import TaskVector
+
+        _setup(params)
+        cfg = params.conditioning
+        config = DistacConfig(**_kappa_options(params), teacher_temperature=cfg.teacher_temperature,
+                              student_temperature=cfg.student_temperature, beta=cfg.beta, lr=cfg.lr,
+                              steps=cfg.steps, batch_size=cfg.batch_size, grad_clip=cfg.grad_clip,
+                              num_unlabeled=cfg.num_unlabeled, log_every=cfg.log_every, seed=cfg.seed)
+        loaded = load_task_model(io.join_uri(stage_dir(params, "finetune", task=task), "model"))
+        device = resolve_device(params)
+        data = _task_data(params, task)
+        vector = TaskVector.load(io.join_uri(stage_dir(params, "extract", task=task), VECTOR_FILE))
+        result = run_condition(loaded.model.to(device), _pretrained_backbone(params), vector,
+                               data.unlabeled(cfg.num_unlabeled, cfg.seed), loaded.adapter.collate, config,
+                               progress=progress, on_log=on_log)
+        val_acc, _ = _evaluate(loaded.model, data.validation, loaded.adapter, device)
+        result.vector.save(io.join_uri(uri, VECTOR_FILE))
+        details = result.to_dict()
+        io.write_json(_jsonable(details.pop("history")), io.join_uri(uri, "history.json"))
+        summary = {"conditioned": True, "kappa": result.kappa, "original_norm": result.original_norm,
+                   "final_norm": result.final_norm, "validation_accuracy": val_acc}
+        io.write_json({**summary, **_jsonable(details)}, io.join_uri(uri, "summary.json"))
+        return summary
+
+    return _run(params, "condition", work, task=task, force=force)
+
+
+def _heads_and_tasks(params: PipelineParams) -> tuple[list[dict[str, torch.Tensor]], list[Any]]:
+    from distac.models.store import load_head
+
+    heads = [load_head(io.join_uri(stage_dir(params, "finetune", task=t), "model")) for t in params.task_names]
+    return heads, [_task_data(params, t) for t in params.task_names]
+
+
+def merge(params: PipelineParams, method: str, conditioned: bool = False, *, progress: bool = True,
+          force: bool = False) -> StageResult:
+    """Merge every task's vector (DisTaC-conditioned ones when ``conditioned``) with one method; α fixed or
+    searched on the validation split."""
+    def work(uri: str) -> dict[str, Any]:
+        from distac.evaluation import search_alpha
+        from distac.merging import merge as run_merge
+
+        _setup(params)
+        method_params = params.merge.method(method)
+        device = resolve_device(params)
+        vectors = [_load_vector(params, t, conditioned) for t in params.task_names]
+        search = None
+        if method_params.alpha == "search":
+            heads, tasks = _heads_and_tasks(params)
+            search = search_alpha(method, vectors, _adapter(params), _pretrained_backbone(params), heads, tasks,
+                                  grid=params.merge.alpha_grid, hyperparams=method_params.hyperparams,
+                                  batch_size=EVAL_BATCH_SIZE, device=device, progress=progress)
+            merged, alpha = search.merged, search.alpha
+        else:
+            alpha = method_params.alpha
+            options = dict(method_params.hyperparams, **({"alpha": alpha} if alpha is not None else {}))
+            merged = run_merge(method, vectors, device=device, progress=progress, **options)
+        served = _save_merged(merged, params.task_names, uri)
+        info = {"method": method, "conditioned": conditioned, "alpha": alpha, "served": served,
+                "hyperparams": method_params.hyperparams, "info": _jsonable(merged.info),
+                "alpha_search": search.to_dict() if search else None}
+        io.write_json(info, io.join_uri(uri, "merge.json"))
+        return {"alpha": alpha, "merged_norm": merged.vector.norm()}
+
+    return _run(params, "merge", work, method=method, conditioned=conditioned, force=force)
+
+
+def _save_merged(merged, tasks: list[str], uri: str) -> dict[str, str]:
+    """Save what each task is served with; one shared file unless the method is per-task (EMR)."""
+    if merged.masks is None:
+        merged.vector.save(io.join_uri(uri, "vector.safetensors"))
+        return {task: "vector.safetensors" for task in tasks}
+    served = {}
+    for i, task in enumerate(tasks):
+        served[task] = f"served/{task}.safetensors"
+        merged.for_task(i).save(io.join_uri(uri, served[task]))
+    return served
+
+
+def evaluate(params: PipelineParams, method: str, conditioned: bool = False, *,
+             force: bool = False) -> StageResult:
+    """Test accuracy of the merged model on every task, absolute and normalized by the fine-tuned model."""
+    def work(uri: str) -> dict[str, Any]:
+        from distac.evaluation import evaluate_task
+        from distac.vectors import TaskVector
+
+        _setup(params)
+        merged_uri = stage_dir(params, "merge", method=method, conditioned=conditioned)
+        info = read_json(merged_uri, "merge.json")
+        adapter, device = _adapter(params), resolve_device(params)
+        pretrained_state = _pretrained_backbone(params)
+        finetuned = _finetuned_accuracy(params, "test")
+        heads, tasks = _heads_and_tasks(params)
+        rows = []
+        for head, data in zip(heads, tasks):
+            model = adapter.build(data.num_classes, data.class_names)
+            model.load_head(head)
+            vector = TaskVector.load(io.join_uri(merged_uri, info["served"][data.name]))
+            model.load_backbone(vector.apply_to(pretrained_state))
+            rows.append(evaluate_task(model.to(device), data.test, adapter.collate, task=data.name,
+                                      batch_size=EVAL_BATCH_SIZE, finetuned_accuracy=finetuned[data.name]))
+        result = {"method": method, "conditioned": conditioned, "alpha": info["alpha"],
+                  "mean_accuracy": sum(r.accuracy for r in rows) / len(rows),
+                  "mean_normalized_accuracy": sum(r.normalized_accuracy for r in rows) / len(rows),
+                  "tasks": {r.task: r.to_dict() for r in rows}}
+        io.write_json(result, io.join_uri(uri, "evaluation.json"))
+        return {k: result[k] for k in ("alpha", "mean_accuracy", "mean_normalized_accuracy")}
+
+    return _run(params, "evaluate", work, method=method, conditioned=conditioned, force=force)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def results_rows(params: PipelineParams) -> list[dict[str, Any]]:
+    """One row per merged model (each method as-is and with DisTaC) plus the fine-tuned models: the
+    absolute and normalized test accuracy per task and their means, in percent."""
+    tasks = params.task_names
+    finetuned = _finetuned_accuracy(params, "test")
+    rows = [{"method": "individual", "variant": "fine-tuned", "alpha": None,
+             **{f"{t}_abs": 100 * finetuned[t] for t in tasks}, **{f"{t}_norm": 100.0 for t in tasks},
+             "mean_abs": 100 * sum(finetuned.values()) / len(tasks), "mean_norm": 100.0}]
+    for method in params.method_names:
+        for conditioned in (False, True):
+            result = read_json(stage_dir(params, "evaluate", method=method, conditioned=conditioned),
+                               "evaluation.json")
+            per_task = result["tasks"]
+            rows.append({"method": method, "variant": "DisTaC" if conditioned else "as-is",
+                         "alpha": result["alpha"],
+                         **{f"{t}_abs": 100 * per_task[t]["accuracy"] for t in tasks},
+                         **{f"{t}_norm": 100 * per_task[t]["normalized_accuracy"] for t in tasks},
+                         "mean_abs": 100 * result["mean_accuracy"],
+                         "mean_norm": 100 * result["mean_normalized_accuracy"]})
+    return rows
+
+
+def results_markdown(rows: list[dict[str, Any]], tasks: list[str]) -> str:
+    """The paper's layout: per task 'absolute (normalized)', then the means; as-is and DisTaC rows."""
+    def cell(value: Any) -> str:
+        return "–" if value is None else f"{value:.1f}"
+
+    header = ["Method", "Variant", "α", *tasks, "Avg. abs.", "Avg. norm."]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        alpha = "–" if row["alpha"] is None else f"{row['alpha']:g}"
+        cells = [f"{cell(row[f'{t}_abs'])} ({cell(row[f'{t}_norm'])})" for t in tasks]
+        lines.append("| " + " | ".join([row["method"], row["variant"], alpha, *cells, cell(row["mean_abs"]),
+                                        cell(row["mean_norm"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buffer = stdio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _plot_png(rows: list[dict[str, Any]]) -> bytes:
+    """Mean normalized accuracy per method, as-is vs DisTaC, as a grouped bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [r["method"] for r in rows if r["variant"] == "as-is"]
+    value = {(r["method"], r["variant"]): r["mean_norm"] for r in rows}
+    positions = range(len(methods))
+    figure, axis = plt.subplots(figsize=(1.6 * len(methods) + 2, 3.5))
+    axis.bar([p - 0.2 for p in positions], [value[(m, "as-is")] for m in methods], 0.4, label="as-is")
+    axis.bar([p + 0.2 for p in positions], [value[(m, "DisTaC")] for m in methods], 0.4, label="DisTaC")
+    axis.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+    axis.set_xticks(list(positions), methods)
+    axis.set_ylabel("mean normalized accuracy (%)")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    buffer = stdio.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def report(params: PipelineParams, *, force: bool = False) -> StageResult:
+    """The results table (markdown + CSV), a PNG plot, DVC plot data and a metrics JSON."""
+    def work(uri: str) -> dict[str, Any]:
+        tasks = params.task_names
+        rows = results_rows(params)
+        markdown = results_markdown(rows, tasks)
+        io.write_bytes_atomic(markdown.encode(), io.join_uri(uri, "results.md"))
+        io.write_bytes_atomic(_csv_text(rows).encode(), io.join_uri(uri, "results.csv"))
+        io.write_bytes_atomic(_plot_png(rows), io.join_uri(uri, "results.png"))
+        plot_rows = [{"model": f"{r['method']} ({r['variant']})", "mean_norm": r["mean_norm"]} for r in rows]
+        io.write_bytes_atomic(_csv_text(plot_rows).encode(), io.join_uri(uri, "plot.csv"))
+        metrics = {f"{r['method']}/{r['variant']}": {"mean_abs": round(r["mean_abs"], 2),
+                                                      "mean_norm": round(r["mean_norm"], 2)} for r in rows}
+        io.write_json(metrics, io.join_uri(uri, "metrics.json"))
+        return {"table": markdown, "metrics": metrics}
+
+    return _run(params, "report", work, force=force)
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors and numpy scalars to plain numbers, recursively (histories, merge info)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
