@@ -11,6 +11,7 @@ The pretrained model is loaded once per adapter; ``build`` deep-copies it.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import shutil
@@ -91,6 +92,7 @@ class HFTextAdapter(ModelAdapter):
         self.max_length = max_length
         self.architecture = architecture
         self._backbone, self._head_template, self.tokenizer = self._load()
+        self._input_names = set(inspect.signature(self._backbone.forward).parameters)
         self._pretrained_state = {k: v.detach().clone() for k, v in self._backbone.state_dict().items()
                                   if v.is_floating_point()}
 
@@ -139,7 +141,10 @@ class HFTextAdapter(ModelAdapter):
         return TextTaskModel(backbone, head, self.pooling).eval()
 
     def collate(self, examples: Sequence[TextExample]) -> dict[str, torch.Tensor]:
-        """Tokenize a batch, padded to its longest sequence (at most ``max_length`` tokens)."""
+        """Tokenize a batch, padded to its longest sequence (at most ``max_length`` tokens).
+
+        Only the tensors the backbone's ``forward`` accepts are returned (decoders take no token_type_ids).
+        """
         if not examples:
             raise DistacError("cannot collate an empty batch")
         pairs = [example.text_b is not None for example in examples]
@@ -149,7 +154,7 @@ class HFTextAdapter(ModelAdapter):
         text_b = [example.text_b for example in examples] if all(pairs) else None
         encoded = self.tokenizer(text_a, text_b, padding="longest", truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
-        return dict(encoded)
+        return {name: tensor for name, tensor in encoded.items() if name in self._input_names}
 
 
 def create_random_encoder(path: str | os.PathLike, hidden: int = 32, layers: int = 2, heads: int = 2,
