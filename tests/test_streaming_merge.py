@@ -1,0 +1,292 @@
+"""The streaming merge: real checkpoint files in, sharded safetensors out, equal to the in-memory merge;
+the CLI end to end; the errors bad inputs get; atomic output; S3."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distac import io
+from distac.cli import main
+from distac.errors import CheckpointError, ConfigError, MismatchError, NonFiniteError
+from distac.merging import METHODS, merge
+from distac.merging.streaming import load_merged, materialize, merge_checkpoints
+from distac.vectors import TaskVector
+
+SETTINGS = {"wudi": {"steps": 5}, "ties": {"k": 0.3}, "consensus": {"min_agree": 2}, "iso_cts": {}}
+NUM_TASKS = 3
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=generator, dtype=v.dtype) if v.is_floating_point() else v
+            for k, v in state.items()}
+
+
+def small_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"block.0.weight": torch.randn(12, 8, generator=generator),
+            "block.0.bias": torch.randn(12, generator=generator),
+            "conv.weight": torch.randn(4, 3, 2, 2, generator=generator),
+            "block.1.weight": torch.randn(8, 12, generator=generator),
+            "scale": torch.tensor(1.5),
+            "position_ids": torch.arange(6)}
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """A pretrained .pt and three fine-tuned checkpoints: sharded safetensors, one safetensors file, a .pt."""
+    pre = small_state()
+    io.save_state_dict(pre, tmp_path / "pre.pt")
+    io.save_state_dict(perturbed(pre, 1), tmp_path / "ft0", max_shard_bytes=200)  # several shards + index
+    io.save_state_dict(perturbed(pre, 2), tmp_path / "ft1.safetensors")
+    io.save_state_dict(perturbed(pre, 3), tmp_path / "ft2.pt")
+    assert (tmp_path / "ft0" / io.INDEX_FILE_NAME).exists()
+    return str(tmp_path / "pre.pt"), [str(tmp_path / n) for n in ("ft0", "ft1.safetensors", "ft2.pt")]
+
+
+def in_memory(name, pretrained, finetuned, include=None, **hyperparams):
+    vectors = [TaskVector.from_checkpoints(pretrained, uri, include=include) for uri in finetuned]
+    return merge(name, vectors, device="cpu", **hyperparams)
+
+
+def assert_same_tensors(actual, expected, atol=1e-6):
+    assert list(actual) == list(expected) or sorted(actual) == sorted(expected)
+    for key in expected:
+        assert actual[key].dtype == expected[key].dtype, key
+        if expected[key].is_floating_point():
+            assert torch.allclose(actual[key], expected[key], atol=atol, rtol=0), key
+        else:
+            assert torch.equal(actual[key], expected[key]), key
+
+
+def assert_streaming_matches(name, pretrained, finetuned, out, include=None, **hyperparams):
+    record = merge_checkpoints(METHODS[name].create(**hyperparams), pretrained, finetuned, out, include=include,
+                               device="cpu", max_shard_bytes=300, progress=False)
+    expected = in_memory(name, pretrained, finetuned, include=include, **hyperparams)
+    streamed = load_merged(out)
+    assert_same_tensors(streamed.vector, expected.vector)
+    pre_state = io.load_state_dict(pretrained)
+    for task in range(len(finetuned)):
+        model = str(out) + f"-task{task}.safetensors"
+        materialize(out, pretrained, task, model)
+        assert_same_tensors(io.load_state_dict(model), expected.for_task(task).apply_to(pre_state))
+    if METHODS[name].per_task:
+        assert streamed.scales == pytest.approx(expected.scales, abs=1e-12)
+        for mask, expected_mask in zip(streamed.masks, expected.masks):
+            assert_same_tensors(mask, expected_mask)
+        assert record["outputs"]["model"] is None and not os.path.exists(os.path.join(out, "model"))
+    else:
+        assert_same_tensors(io.load_state_dict(os.path.join(out, "model")), expected.vector.apply_to(pre_state))
+    return record
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_streaming_equals_in_memory(name, checkpoints, tmp_path):
+    pretrained, finetuned = checkpoints
+    record = assert_streaming_matches(name, pretrained, finetuned, str(tmp_path / "out"), **SETTINGS.get(name, {}))
+    assert record["method"] == name and record["num_tasks"] == NUM_TASKS and record["path"] == "streaming"
+    assert record["inputs"]["finetuned"] == finetuned and record["device"] == "cpu"
+    assert (tmp_path / "out" / "vector" / io.INDEX_FILE_NAME).exists()  # 300-byte shards: output is sharded
+
+
+@pytest.mark.parametrize("name", ["ties", "tsv", "emr"])
+def test_streaming_a_hugging_face_bert_checkpoint(name, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=20)
+    torch.manual_seed(0)
+    model = BertModel(config)
+    model.save_pretrained(tmp_path / "pre", safe_serialization=True)
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    finetuned = []
+    for task in range(2):
+        model.load_state_dict(perturbed(pre, 10 + task))
+        model.save_pretrained(tmp_path / f"ft{task}", safe_serialization=True)
+        finetuned.append(str(tmp_path / f"ft{task}"))
+    assert_streaming_matches(name, str(tmp_path / "pre"), finetuned, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name", ["iso_cts", "consensus"])
+def test_streaming_the_image_tower_of_an_open_clip_model(name, tmp_path):
+    import open_clip
+
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+                          text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1))
+    pre = clip.state_dict()
+    torch.save(pre, tmp_path / "pre.pt")
+    finetuned = []
+    for task in range(3):
+        torch.save(perturbed(pre, 20 + task, scale=0.01), tmp_path / f"ft{task}.pt")
+        finetuned.append(str(tmp_path / f"ft{task}.pt"))
+    out = str(tmp_path / "out")
+    assert_streaming_matches(name, str(tmp_path / "pre.pt"), finetuned, out, include=[r"^visual\."])
+    merged = load_merged(out)
+    assert merged.vector and all(key.startswith("visual.") for key in merged.vector)
+    model = io.load_state_dict(os.path.join(out, "model"))
+    assert torch.equal(model["text_projection"], pre["text_projection"])  # not merged: passed through
+
+
+def test_cli_merge_and_materialize_end_to_end(checkpoints, tmp_path, capsys):
+    pretrained, finetuned = checkpoints
+    out = str(tmp_path / "merged")
+    code = main(["merge", "--method", "ties", "--pretrained", pretrained, "--finetuned", *finetuned, "--out", out,
+                 "--alpha", "0.7", "--set", "k=0.3", "--exclude", "^conv", "--device", "cpu", "--shard-size", "1KB"])
+    assert code == 0 and "merged 3 tasks over 4 tensors with ties (alpha=0.7, k=0.3)" in capsys.readouterr().out
+    expected = merge("ties", [TaskVector.from_checkpoints(pretrained, f, exclude=["^conv"]) for f in finetuned],
+                     alpha=0.7, k=0.3)
+    assert_same_tensors(load_merged(out).vector, expected.vector)
+    assert main(["materialize", "--merged", out, "--pretrained", pretrained, "--task", "2",
+                 "--out", str(tmp_path / "served"), "--no-progress"]) == 0
+    assert_same_tensors(io.load_state_dict(tmp_path / "served"),
+                        expected.vector.apply_to(io.load_state_dict(pretrained)))
+
+
+def test_cli_set_parses_typed_values(checkpoints, tmp_path):
+    pretrained, finetuned = checkpoints
+    out = str(tmp_path / "merged")
+    assert main(["merge", "--method", "wudi", "--pretrained", pretrained, "--finetuned", *finetuned, "--out", out,
+                 "--set", "steps=2", "--set", "lr=1e-4", "--set", r"exclude_2d=^block\.1,^nothing",
+                 "--no-progress"]) == 0
+    assert load_merged(out).info["hyperparameters"] == {"steps": 2, "lr": 1e-4,
+                                                         "exclude_2d": [r"^block\.1", "^nothing"]}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "tie"], "unknown merge method 'tie'; available: consensus, emr, iso_c, iso_cts"),
+    (["--method", "ties", "--set", "kk=1"], "ties has no hyperparameter 'kk'; it accepts: alpha, k"),
+    (["--method", "ties", "--set", "k=high"], "--set k: expected a number, got 'high'"),
+    (["--method", "ties", "--set", "k=2"], "ties: k must be > 0.0 and <= 1.0, got 2"),
+    (["--method", "emr", "--alpha", "2"], "emr has no hyperparameter alpha"),
+])
+def test_cli_bad_method_or_hyperparameter(checkpoints, tmp_path, capsys, argv, message):
+    pretrained, finetuned = checkpoints
+    code = main(["merge", *argv, "--pretrained", pretrained, "--finetuned", *finetuned, "--out", str(tmp_path / "o")])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_runs_as_a_subprocess(checkpoints, tmp_path):
+    pretrained, finetuned = checkpoints
+    out = tmp_path / "merged"
+    result = subprocess.run([sys.executable, "-m", "distac", "merge", "--method", "iso_c", "--pretrained", pretrained,
+                             "--finetuned", *finetuned, "--out", str(out), "--alpha", "1.5"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "merge (iso_c)" in result.stderr  # the tqdm progress bar over tensors
+    assert_same_tensors(load_merged(str(out)).vector, in_memory("iso_c", pretrained, finetuned, alpha=1.5).vector)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def safetensors_inputs(tmp_path):
+    pre = small_state()
+    io.save_state_dict(pre, tmp_path / "pre.safetensors")
+    return pre, str(tmp_path / "pre.safetensors")
+
+
+def run_merge(tmp_path, pretrained, finetuned, method="task_arithmetic"):
+    return merge_checkpoints(method, pretrained, finetuned, str(tmp_path / "out"), device="cpu", progress=False)
+
+
+def test_mismatched_keys_name_the_tensor(safetensors_inputs, tmp_path):
+    pre, pre_uri = safetensors_inputs
+    io.save_state_dict({k: v for k, v in perturbed(pre, 1).items() if k != "conv.weight"}, tmp_path / "ft.safetensors")
+    with pytest.raises(MismatchError, match="missing from the .*ft.safetensors model: conv.weight"):
+        run_merge(tmp_path, pre_uri, [str(tmp_path / "ft.safetensors")])
+
+
+def test_mismatched_shapes_name_the_tensor(safetensors_inputs, tmp_path):
+    pre, pre_uri = safetensors_inputs
+    io.save_state_dict({**perturbed(pre, 1), "block.0.bias": torch.zeros(13)}, tmp_path / "ft.safetensors")
+    with pytest.raises(MismatchError, match=r"'block.0.bias': shape \(13,\)"):
+        run_merge(tmp_path, pre_uri, [str(tmp_path / "ft.safetensors")])
+
+
+def test_mismatched_dtypes_name_the_tensor(safetensors_inputs, tmp_path):
+    pre, pre_uri = safetensors_inputs
+    ft = perturbed(pre, 1)
+    io.save_state_dict({**ft, "block.1.weight": ft["block.1.weight"].half()}, tmp_path / "ft.safetensors")
+    with pytest.raises(MismatchError, match="'block.1.weight': dtype torch.float16"):
+        run_merge(tmp_path, pre_uri, [str(tmp_path / "ft.safetensors")])
+
+
+def test_nan_in_a_finetuned_model_names_the_tensor_and_leaves_nothing(safetensors_inputs, tmp_path):
+    pre, pre_uri = safetensors_inputs
+    last_key = list(TaskVector.from_checkpoints(pre_uri, pre_uri))[-1]  # the merge reaches it last
+    broken = perturbed(pre, 1)
+    broken[last_key] = broken[last_key].clone().view(-1).index_fill(0, torch.tensor([0]), float("nan")).view_as(pre[last_key])
+    io.save_state_dict(perturbed(pre, 2), tmp_path / "ok.safetensors")
+    io.save_state_dict(broken, tmp_path / "bad.safetensors")
+    for method in ("task_arithmetic", "emr", "ties"):
+        with pytest.raises(NonFiniteError, match=f"tensor '{last_key}' in .*bad.safetensors has 1 NaN"):
+            run_merge(tmp_path, pre_uri, [str(tmp_path / "ok.safetensors"), str(tmp_path / "bad.safetensors")], method)
+        assert not (tmp_path / "out").exists()
+    assert sorted(os.listdir(tmp_path)) == ["bad.safetensors", "ok.safetensors", "pre.safetensors"]  # no staging left
+
+
+def test_a_failed_merge_keeps_the_previous_output(safetensors_inputs, tmp_path):
+    pre, pre_uri = safetensors_inputs
+    io.save_state_dict(perturbed(pre, 1), tmp_path / "ft.safetensors")
+    run_merge(tmp_path, pre_uri, [str(tmp_path / "ft.safetensors")])
+    before = load_merged(str(tmp_path / "out")).vector
+    broken = {**perturbed(pre, 2), "scale": torch.tensor(float("inf"))}
+    io.save_state_dict(broken, tmp_path / "bad.safetensors")
+    with pytest.raises(NonFiniteError, match="'scale'"):
+        run_merge(tmp_path, pre_uri, [str(tmp_path / "bad.safetensors")])
+    assert_same_tensors(load_merged(str(tmp_path / "out")).vector, before)
+
+
+def test_truncated_safetensors_is_a_checkpoint_error(safetensors_inputs, tmp_path):
+    pre, pre_uri = safetensors_inputs
+    io.save_state_dict(perturbed(pre, 1), tmp_path / "ft.safetensors")
+    data = (tmp_path / "ft.safetensors").read_bytes()
+    (tmp_path / "ft.safetensors").write_bytes(data[:-40])
+    with pytest.raises(CheckpointError, match="ft.safetensors"):
+        run_merge(tmp_path, pre_uri, [str(tmp_path / "ft.safetensors")])
+
+
+def test_materialize_rejects_a_task_index_out_of_range(checkpoints, tmp_path):
+    pretrained, finetuned = checkpoints
+    merge_checkpoints("task_arithmetic", pretrained, finetuned, str(tmp_path / "out"), progress=False)
+    with pytest.raises(ConfigError, match="task index 3 is out of range: .* merged 3 tasks"):
+        materialize(str(tmp_path / "out"), pretrained, 3, str(tmp_path / "model"))
+
+
+def test_an_absent_cuda_device_is_a_clear_error(checkpoints, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    pretrained, finetuned = checkpoints
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        merge_checkpoints("tsv", pretrained, finetuned, str(tmp_path / "out"), device="cuda", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------- S3
+
+
+def test_streaming_merge_from_and_to_s3(s3_bucket, tmp_path):
+    pre = small_state()
+    io.save_state_dict(pre, f"{s3_bucket}/pre.safetensors")
+    finetuned = [f"{s3_bucket}/ft0", f"{s3_bucket}/ft1.safetensors"]
+    io.save_state_dict(perturbed(pre, 1), finetuned[0], max_shard_bytes=200)
+    io.save_state_dict(perturbed(pre, 2), finetuned[1])
+    out = f"{s3_bucket}/merged/emr"
+    merge_checkpoints("emr", f"{s3_bucket}/pre.safetensors", finetuned, out, max_shard_bytes=300, progress=False)
+    streamed = load_merged(out)
+    local = [str(tmp_path / "ft0"), str(tmp_path / "ft1.safetensors")]
+    io.save_state_dict(perturbed(pre, 1), local[0])
+    io.save_state_dict(perturbed(pre, 2), local[1])
+    io.save_state_dict(pre, tmp_path / "pre.safetensors")
+    expected = in_memory("emr", str(tmp_path / "pre.safetensors"), local)
+    assert_same_tensors(streamed.vector, expected.vector)
+    assert streamed.scales == pytest.approx(expected.scales)
+    materialize(out, f"{s3_bucket}/pre.safetensors", 1, f"{s3_bucket}/served-1")
+    assert_same_tensors(io.load_state_dict(f"{s3_bucket}/served-1"), expected.for_task(1).apply_to(pre))
