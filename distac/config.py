@@ -65,7 +65,7 @@ class RecipeParams(Section):
     batch_size: PositiveInt = 32
     weight_decay: NonNegativeFloat = 0.0
     warmup_fraction: Fraction = 0.1
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"
     label_smoothing: Fraction = 0.0
     mixup_alpha: NonNegativeFloat = 0.0
     focal_gamma: NonNegativeFloat = 0.0
@@ -111,12 +111,14 @@ class KappaParams(Section):
 
 
 class ConditioningParams(Section):
-    """DisTaC settings; ``tasks: auto`` conditions the tasks the diagnosis flags."""
+    """DisTaC settings. ``tasks: auto`` conditions the tasks the diagnosis flags; ``student_temperature:
+    auto`` takes each task's recommended sharpening temperature (1, i.e. norm only, unless it is flagged
+    for low confidence)."""
 
     tasks: Literal["auto"] | list[Literal[GLUE_TASKS]] = "auto"  # type: ignore[valid-type]
     kappa: KappaParams = Field(default_factory=KappaParams)
     teacher_temperature: PositiveFloat = 1.0
-    student_temperature: PositiveFloat = 1.0
+    student_temperature: PositiveFloat | Literal["auto"] = "auto"
     beta: NonNegativeFloat = 0.1
     lr: PositiveFloat = 1e-5
     steps: PositiveInt = 100
@@ -128,10 +130,18 @@ class ConditioningParams(Section):
 
 
 class DiagnosisParams(Section):
-    """Thresholds that flag a task for conditioning (see ``distac.diagnostics``)."""
+    """Thresholds that flag a task for conditioning (see ``distac.diagnostics``): a norm more than
+    ``norm_ratio`` times the smallest; a scaled confidence below ``min_scaled_confidence``."""
 
-    norm_ratio: Annotated[float, Field(gt=1)] = 2.0
-    min_confidence: Annotated[float, Field(gt=0, lt=1)] = 0.75
+    norm_ratio: Annotated[float, Field(ge=1)] = 2.0
+    min_scaled_confidence: Annotated[float, Field(gt=0, lt=1)] = 0.7
+    target_confidence: Annotated[float, Field(gt=0, le=1)] = 0.95
+
+    @model_validator(mode="after")
+    def _target_above_threshold(self) -> "DiagnosisParams":
+        if self.target_confidence <= self.min_scaled_confidence:
+            raise ValueError("target_confidence must exceed min_scaled_confidence")
+        return self
 
 
 class MethodParams(Section):

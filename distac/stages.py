@@ -43,6 +43,7 @@ MetricsCallback = Callable[[int, dict[str, float]], None]
 STAGES = ("pretrained", "finetune", "extract", "diagnose", "condition", "merge", "evaluate", "report")
 MANIFEST = "_done.json"
 VECTOR_FILE = "task_vector.safetensors"
+LOGITS_FILE = "validation_logits.safetensors"
 EVAL_BATCH_SIZE = 64
 
 
@@ -254,6 +255,8 @@ def finetune(params: PipelineParams, task: str, *, on_step: MetricsCallback | No
              progress: bool = True, force: bool = False) -> StageResult:
     """Fine-tune the pretrained model on one task with its recipe; record its validation/test accuracy."""
     def work(uri: str) -> dict[str, Any]:
+        from distac.calibration import confidence_stats
+        from distac.evaluation import labels_of
         from distac.models.store import save_task_model
         from distac.training import FinetuneRecipe
         from distac.training import finetune as run_finetune
@@ -266,13 +269,13 @@ def finetune(params: PipelineParams, task: str, *, on_step: MetricsCallback | No
         model = result.model.to(device)
         val_acc, val_logits = _evaluate(model, data.validation, adapter, device)
         test_acc, _ = _evaluate(model, data.test, adapter, device)
-        from distac.calibration import confidence_stats
-
         metrics = {"validation_accuracy": val_acc, "test_accuracy": test_acc,
                    "validation_mean_max_prob": confidence_stats(val_logits).mean_max_prob,
-                   "train_examples": len(data.train)}
+                   "train_examples": len(data.train), "final_loss": result.history[-1]["loss"]}
         save_task_model(io.join_uri(uri, "model"), model.cpu(), adapter, data.name, data.num_classes,
                         list(data.class_names), extra={"recipe": recipe.model_dump(), **metrics})
+        io.save_state_dict({"logits": val_logits, "labels": labels_of(data.validation)},
+                           io.join_uri(uri, LOGITS_FILE))
         io.write_json(metrics, io.join_uri(uri, "metrics.json"))
         io.write_json(_jsonable(result.history), io.join_uri(uri, "history.json"))
         return metrics
@@ -299,24 +302,30 @@ def extract(params: PipelineParams, task: str, *, force: bool = False) -> StageR
 
 
 def diagnose(params: PipelineParams, *, force: bool = False) -> StageResult:
-    """Norm and confidence diagnostics of the source task vectors; decides which tasks DisTaC conditions."""
+    """Norm and confidence diagnostics of the source models; decides which tasks DisTaC conditions and with
+    which recommended κ and temperatures."""
     def work(uri: str) -> dict[str, Any]:
         from distac.diagnostics import diagnose as run_diagnose
+        from distac.vectors import TaskVector
 
         tasks = params.task_names
-        norms = {t: read_json(stage_dir(params, "extract", task=t), "stats.json")["norm"] for t in tasks}
-        confidence = {t: read_json(stage_dir(params, "finetune", task=t), "metrics.json")
-                      ["validation_mean_max_prob"] for t in tasks}
-        diagnosis = run_diagnose(norms=norms, confidence=confidence,
-                                 norm_ratio_threshold=params.diagnosis.norm_ratio,
-                                 confidence_threshold=params.diagnosis.min_confidence)
+        vectors = {t: TaskVector.load(io.join_uri(stage_dir(params, "extract", task=t), VECTOR_FILE))
+                   for t in tasks}
+        logits = {t: io.load_state_dict(io.join_uri(stage_dir(params, "finetune", task=t), LOGITS_FILE))
+                  for t in tasks}
+        settings = params.diagnosis
+        diagnosis = run_diagnose(vectors, {t: logits[t]["logits"] for t in tasks},
+                                 {t: (logits[t]["logits"], logits[t]["labels"]) for t in tasks},
+                                 norm_ratio_threshold=settings.norm_ratio,
+                                 confidence_threshold=settings.min_scaled_confidence,
+                                 target_confidence=settings.target_confidence)
         configured = params.conditioning.tasks
-        selected = sorted(diagnosis.flagged_tasks) if configured == "auto" else list(configured)
-        selected = [t for t in tasks if t in selected]
-        report = {**diagnosis.to_dict(), "norms": norms, "confidence": confidence, "conditioned_tasks": selected}
-        io.write_json(report, io.join_uri(uri, "diagnosis.json"))
+        recommended = [r.task for r in diagnosis.recommendations if r.condition]
+        selected = [t for t in tasks if t in (recommended if configured == "auto" else configured)]
+        io.write_json({**diagnosis.to_dict(), "conditioned_tasks": selected}, io.join_uri(uri, "diagnosis.json"))
         io.write_bytes_atomic(diagnosis.to_markdown().encode(), io.join_uri(uri, "diagnosis.md"))
-        return {"conditioned_tasks": selected, "recommendation": diagnosis.recommendation}
+        return {"conditioned_tasks": selected, "flags": diagnosis.flags,
+                "norms": {t.name: t.norm for t in diagnosis.tasks}}
 
     return _run(params, "diagnose", work, force=force)
 
@@ -326,14 +335,26 @@ def conditioned_tasks(params: PipelineParams) -> list[str]:
     return read_json(stage_dir(params, "diagnose"), "diagnosis.json")["conditioned_tasks"]
 
 
-def _kappa_options(params: PipelineParams) -> dict[str, float]:
-    kappa = params.conditioning.kappa
-    if kappa.policy == "explicit":
-        return {"kappa": kappa.value}
-    if kappa.policy == "target_norm":
-        return {"target_norm": kappa.value}
-    norms = [read_json(stage_dir(params, "extract", task=t), "stats.json")["norm"] for t in params.task_names]
-    return {"target_norm": min(norms)}
+def _distac_config(params: PipelineParams, task: str):
+    """The DisTaC config for one task: κ from the policy, T_stu from the diagnosis when 'auto'."""
+    from distac.conditioning import DistacConfig
+
+    cfg = params.conditioning
+    diagnosis = read_json(stage_dir(params, "diagnose"), "diagnosis.json")
+    if cfg.kappa.policy == "explicit":
+        kappa = {"kappa": cfg.kappa.value}
+    elif cfg.kappa.policy == "target_norm":
+        kappa = {"target_norm": cfg.kappa.value}
+    else:
+        kappa = {"target_norm": min(t["norm"] for t in diagnosis["tasks"])}
+    student_temperature = cfg.student_temperature
+    if student_temperature == "auto":
+        recommendation = next(r for r in diagnosis["recommendations"] if r["task"] == task)
+        student_temperature = cfg.teacher_temperature * recommendation["student_temperature"]
+    return DistacConfig(**kappa, teacher_temperature=cfg.teacher_temperature,
+                        student_temperature=student_temperature, beta=cfg.beta, lr=cfg.lr, steps=cfg.steps,
+                        batch_size=cfg.batch_size, grad_clip=cfg.grad_clip, num_unlabeled=cfg.num_unlabeled,
+                        log_every=cfg.log_every, seed=cfg.seed)
 
 
 def condition(params: PipelineParams, task: str, *, on_log: MetricsCallback | None = None,
@@ -344,17 +365,12 @@ def condition(params: PipelineParams, task: str, *, on_log: MetricsCallback | No
             summary = {"conditioned": False}
             io.write_json(summary, io.join_uri(uri, "summary.json"))
             return summary
-        from distac.conditioning import DistacConfig
         from distac.conditioning import condition as run_condition
         from distac.models.store import load_task_model
         from distac.vectors import TaskVector
 
         _setup(params)
-        cfg = params.conditioning
-        config = DistacConfig(**_kappa_options(params), teacher_temperature=cfg.teacher_temperature,
-                              student_temperature=cfg.student_temperature, beta=cfg.beta, lr=cfg.lr,
-                              steps=cfg.steps, batch_size=cfg.batch_size, grad_clip=cfg.grad_clip,
-                              num_unlabeled=cfg.num_unlabeled, log_every=cfg.log_every, seed=cfg.seed)
+        cfg, config = params.conditioning, _distac_config(params, task)
         loaded = load_task_model(io.join_uri(stage_dir(params, "finetune", task=task), "model"))
         device = resolve_device(params)
         data = _task_data(params, task)
