@@ -26,6 +26,15 @@ SENTENCES = [TextExample("the movie was great", None, 1), TextExample("bad", Non
              TextExample("an utterly forgettable , tedious film", None, 0)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine more threads mostly spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def encoder_spec(tmp_path_factory):
     path = create_random_encoder(tmp_path_factory.mktemp("encoder") / "bert")
