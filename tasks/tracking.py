@@ -1,0 +1,158 @@
+"""MLflow tracking for the pipeline: one parent run per pipeline run, one child run per stage that did work.
+
+Everything goes through ``MlflowClient`` with explicit run ids (no fluent, thread-local active run), so
+stages running in threads or in Dask worker processes log safely to the same store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from distac import io
+from distac.config import MlflowParams
+
+log = logging.getLogger(__name__)
+
+PARAM_VALUE_LIMIT = 6000  # MLflow's maximum parameter value length
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where to log (picklable, so it travels to Dask workers)."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str | None = None
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` → ``sqlite:////abs/cwd/mlflow.db`` (workers may run elsewhere); a plain path
+    becomes a file store URI."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """``mlruns/`` beside a sqlite database, so artifacts never land in whatever directory a worker uses."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+    return None
+
+
+def setup_experiment(settings: MlflowParams) -> Tracking:
+    """Create (or find) the experiment; returns a Tracking without a parent run."""
+    uri = absolute_tracking_uri(settings.tracking_uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(settings.experiment)
+    if experiment is not None:
+        return Tracking(uri, experiment.experiment_id)
+    location = settings.artifact_location or default_artifact_location(uri)
+    return Tracking(uri, client.create_experiment(settings.experiment, artifact_location=location))
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params → {'a.b.c': 'value'} (lists as their string form), as MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:PARAM_VALUE_LIMIT]
+    return out
+
+
+class StageRun:
+    """A child MLflow run created on first use, so a skipped stage leaves no empty run behind."""
+
+    def __init__(self, tracking: Tracking | None, name: str, tags: dict[str, str], params: dict[str, Any]):
+        self.tracking, self.name, self.tags, self.params = tracking, name, tags, params
+        self._client = tracking.client() if tracking else None
+        self._run_id: str | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        if self._client is None:
+            return None
+        if self._run_id is None:
+            tags = {"mlflow.runName": self.name, **self.tags}
+            if self.tracking.parent_run_id:
+                tags["mlflow.parentRunId"] = self.tracking.parent_run_id
+            run = self._client.create_run(self.tracking.experiment_id, tags=tags, run_name=self.name)
+            self._run_id = run.info.run_id
+            flat = flatten(self.params)
+            items = [Param(k, v) for k, v in flat.items()]
+            for start in range(0, len(items), 100):
+                self._client.log_batch(self._run_id, params=items[start:start + 100])
+        return self._run_id
+
+    @property
+    def started(self) -> bool:
+        return self._run_id is not None
+
+    def log_metrics(self, metrics: dict[str, Any], step: int = 0, prefix: str = "") -> None:
+        """Log the numeric entries of ``metrics`` (others are ignored) at ``step``."""
+        if self._client is None:
+            return
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(f"{prefix}{k}", float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if batch:
+            self._client.log_batch(self.run_id, metrics=batch)
+
+    def metrics_callback(self, prefix: str = "", every: int = 1, label: str = ""):
+        """An ``on_step(step, metrics)`` callback logging to this run, and a log line every ``every`` steps."""
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            self.log_metrics(metrics, step=step, prefix=prefix)
+            if step == 1 or step % every == 0:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+                log.info("%s step %d: %s", label or self.name, step, shown)
+        return on_step
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self._client is not None:
+            self._client.set_tag(self.run_id, key, value)
+
+    def log_artifacts(self, stage_uri: str, names: list[str], artifact_path: str | None = None) -> None:
+        """Copy small output files of a stage (local or S3) into the run's artifacts."""
+        if self._client is None:
+            return
+        log_stage_artifacts(self._client, self.run_id, stage_uri, names, artifact_path)
+
+    def finish(self, failed: bool = False) -> None:
+        if self._client is not None and self._run_id is not None:
+            status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
+            self._client.set_terminated(self._run_id, status=status)
+
+
+def log_stage_artifacts(client: MlflowClient, run_id: str, stage_uri: str, names: list[str],
+                        artifact_path: str | None = None) -> None:
+    with tempfile.TemporaryDirectory(prefix="distac-artifacts-") as staging:
+        for name in names:
+            fs, path = io.url_to_fs(io.join_uri(stage_uri, name))
+            if not fs.exists(path):
+                continue
+            local = os.path.join(staging, os.path.basename(name))
+            fs.get_file(path, local)
+            client.log_artifact(run_id, local, artifact_path)
