@@ -143,3 +143,8 @@ def test_unknown_method_and_hyperparameter_errors_list_what_exists():
 
 def test_exclude_2d_accepts_one_pattern_as_a_string():
     assert get_method("tsv", exclude_2d="text_projection").exclude_2d == ("text_projection",)
+
+
+def test_tsv_falls_back_to_the_mean_when_tasks_outnumber_the_rank():
+    tasks = [{"w": torch.full((2, 2), float(i))} for i in range(3)]  # r = ⌊2/3⌋ = 0 would drop the tensor
+    assert_close(merge("tsv", tasks).vector["w"], torch.full((2, 2), 1.0))
