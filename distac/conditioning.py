@@ -1,0 +1,393 @@
+"""DisTaC: condition a task vector by distilling the fine-tuned model into a rescaled student.
+
+The student starts at the anchor θ_0 = θ_pre + κτ and learns, on unlabeled inputs of the task, to match
+the teacher θ_pre + τ (the original fine-tuned model, frozen, eval mode):
+
+    L = T_tcr·T_stu · KL(softmax(z_t/T_tcr) ‖ softmax(z_s/T_stu))  (batch mean)  +  β‖θ − θ_0‖²
+
+Only the shared backbone parameters covered by τ train; the head stays frozen. κ < 1 conditions the norm,
+T_stu > T_tcr the confidence (z_s → (T_stu/T_tcr)·z_t: a sharper student). The result is τ' = θ − θ_pre.
+The teacher never changes, so its logits on the fixed unlabeled set are computed once and reused
+(``cache_teacher=False`` recomputes them every step as the published code does; the benchmark compares).
+The student runs in eval mode (no dropout; batch-norm statistics frozen): the published setting (CLIP ViT)
+has no dropout, and on a text encoder dropout noise would only add a floor to the distillation loss.
+See ../shared/docs/METHODS.md, "DisTaC".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from distac.errors import ConfigError, MismatchError
+from distac.models.base import TaskModel
+from distac.vectors import TaskVector
+
+log = logging.getLogger(__name__)
+
+Collate = Callable[[Sequence[Any]], Mapping[str, torch.Tensor]]
+LogCallback = Callable[[int, dict[str, float]], None]
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class DistacConfig:
+    """DisTaC hyperparameters. Neither ``kappa`` nor ``target_norm`` means κ = 1 (confidence only).
+
+    ``target_norm`` gives κ = min(1, target_norm / ‖τ‖): shrink only, never stretch. An explicit ``kappa``
+    is used as given (κ > 1 is allowed but logged: the paper finds stretching hurts).
+    """
+
+    kappa: float | None = None
+    target_norm: float | None = None
+    teacher_temperature: float = 1.0
+    student_temperature: float = 1.0
+    beta: float = 0.1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    steps: int = 500
+    batch_size: int = 128
+    grad_clip: float | None = 1.0
+    num_unlabeled: int | None = None
+    log_every: int = 10
+    seed: int = 0
+    cache_teacher: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kappa is not None and self.target_norm is not None:
+            raise ConfigError("kappa and target_norm are mutually exclusive; give at most one")
+        _positive("kappa", self.kappa, allow_none=True)
+        _positive("target_norm", self.target_norm, allow_none=True)
+        _positive("teacher_temperature", self.teacher_temperature)
+        _positive("student_temperature", self.student_temperature)
+        _non_negative("beta", self.beta)
+        _non_negative("lr", self.lr)
+        _non_negative("weight_decay", self.weight_decay)
+        _positive("grad_clip", self.grad_clip, allow_none=True)
+        _count("steps", self.steps, minimum=0)
+        _count("batch_size", self.batch_size, minimum=1)
+        _count("log_every", self.log_every, minimum=1)
+        if self.num_unlabeled is not None:
+            _count("num_unlabeled", self.num_unlabeled, minimum=1)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+
+    def resolve_kappa(self, norm: float) -> float:
+        """κ for a task vector of L2 norm ``norm``."""
+        if self.kappa is not None:
+            if self.kappa > 1:
+                log.warning("kappa=%.3g > 1 stretches the task vector; the paper finds this degrades accuracy",
+                            self.kappa)
+            return float(self.kappa)
+        if self.target_norm is not None:
+            return _shrink_factor(self.target_norm, norm)
+        return 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_number(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    if not _is_number(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _count(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _shrink_factor(target: float, norm: float) -> float:
+    """target / norm clipped to at most 1; a zero vector is left alone."""
+    return 1.0 if norm <= 0 else min(1.0, target / norm)
+
+
+# --------------------------------------------------------------------------------------------- κ policy
+
+
+def kappa_policy(norms: Mapping[str, float], target: str | float = "min", *,
+                 kappa: float | None = None) -> dict[str, float]:
+    """κ_t per task: ``target / ‖τ_t‖`` clipped to ≤ 1 (shrink, never stretch).
+
+    ``target="min"`` (default) uses the smallest norm among the tasks being merged; a number is an
+    explicit target norm. ``kappa`` overrides both and gives every task that κ.
+    """
+    if not norms:
+        raise ConfigError("kappa_policy needs at least one task-vector norm")
+    for name, norm in norms.items():
+        if not _is_number(norm) or norm < 0:
+            raise ConfigError(f"norm of task {name!r} must be a finite number >= 0, got {norm!r}")
+    if kappa is not None:
+        _positive("kappa", kappa)
+        return {name: float(kappa) for name in norms}
+    if target == "min":
+        target_norm = min(norms.values())
+    elif _is_number(target) and target > 0:
+        target_norm = float(target)
+    else:
+        raise ConfigError(f"target must be 'min' or a norm > 0, got {target!r}")
+    return {name: _shrink_factor(target_norm, norm) for name, norm in norms.items()}
+
+
+# --------------------------------------------------------------------------------------------- result
+
+
+@dataclass
+class ConditioningResult:
+    """The conditioned vector τ', the logged history and the quantities that describe the run."""
+
+    vector: TaskVector
+    history: list[dict[str, float]]
+    kappa: float
+    original_norm: float
+    anchor_norm: float
+    final_norm: float
+    teacher_forward_passes: int
+    teacher_cache_hits: int
+    teacher_mean_max_prob: float | None  # over the cached teacher logits; None when not cached
+    teacher_mean_entropy: float | None
+    config: DistacConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the vector, JSON-ready."""
+        return {"kappa": self.kappa, "original_norm": self.original_norm, "anchor_norm": self.anchor_norm,
+                "final_norm": self.final_norm, "teacher_forward_passes": self.teacher_forward_passes,
+                "teacher_cache_hits": self.teacher_cache_hits,
+                "teacher_mean_max_prob": self.teacher_mean_max_prob,
+                "teacher_mean_entropy": self.teacher_mean_entropy,
+                "config": self.config.to_dict(), "history": self.history}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      teacher_temperature: float, student_temperature: float) -> torch.Tensor:
+    """T_tcr·T_stu · KL(softmax(z_t/T_tcr) ‖ softmax(z_s/T_stu)), averaged over the batch."""
+    log_student = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float() / teacher_temperature, dim=-1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+    return teacher_temperature * student_temperature * kl
+
+
+def prediction_stats(logits: torch.Tensor) -> tuple[float, float]:
+    """Mean max softmax probability and mean entropy (nats) at temperature 1."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(dim=-1)
+    return float(probs.max(dim=-1).values.mean()), float(entropy.mean())
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_device(inputs: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _check_keys(model: TaskModel, pretrained: Mapping[str, torch.Tensor], task_vector: TaskVector) -> None:
+    backbone = model.backbone.state_dict()
+    for key in task_vector:
+        if key not in backbone:
+            raise MismatchError(f"task vector tensor {key!r} is not a parameter of the model's backbone")
+        if key not in pretrained:
+            raise MismatchError(f"task vector tensor {key!r} is missing from the pretrained weights")
+        for name, shape in (("model backbone", backbone[key].shape), ("pretrained weights", pretrained[key].shape)):
+            if shape != task_vector[key].shape:
+                raise MismatchError(f"tensor {key!r}: shape {tuple(task_vector[key].shape)} in the task "
+                                    f"vector, {tuple(shape)} in the {name}")
+
+
+def _load_delta(model: TaskModel, pretrained: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> None:
+    """Set the backbone's covered tensors to θ_pre + delta (other backbone tensors are left as they are)."""
+    own = model.backbone.state_dict()
+    with torch.no_grad():
+        for key, value in delta.items():
+            target = own[key]
+            target.copy_((pretrained[key].to(target.device, torch.float32)
+                          + value.to(target.device, torch.float32)).to(target.dtype))
+
+
+def _select_unlabeled(unlabeled: Sequence[Any], config: DistacConfig) -> list[Any]:
+    if len(unlabeled) == 0:
+        raise ConfigError("DisTaC needs unlabeled inputs of the task; got none")
+    count = len(unlabeled) if config.num_unlabeled is None else config.num_unlabeled
+    if count > len(unlabeled):
+        log.warning("num_unlabeled=%d but only %d inputs are available; using all", count, len(unlabeled))
+        count = len(unlabeled)
+    if count == len(unlabeled):
+        return list(unlabeled)
+    order = torch.randperm(len(unlabeled), generator=torch.Generator().manual_seed(config.seed))
+    return [unlabeled[i] for i in order[:count].tolist()]
+
+
+class _BatchSampler:
+    """Seeded epoch-wise shuffling: every input is seen once per epoch, in a fresh order each epoch."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size = size, min(batch_size, size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.randperm(size, generator=self.generator), 0
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.size:
+            self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
+        batch = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: TaskModel, examples: Sequence[Any], collate: Collate, batch_size: int,
+                    device: torch.device) -> torch.Tensor:
+    """Teacher logits [N, C] in float32 for the whole unlabeled set, in batches."""
+    chunks = []
+    for start in range(0, len(examples), batch_size):
+        inputs = _to_device(collate(examples[start:start + batch_size]), device)
+        with _autocast(device):
+            chunks.append(teacher(inputs).float())
+    return torch.cat(chunks)
+
+
+def _delta_norm(anchor_delta: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
+                anchor: Mapping[str, torch.Tensor]) -> float:
+    """‖τ'‖ = ‖κτ + (θ − θ_0)‖ without materializing τ'."""
+    total = 0.0
+    for key, base in anchor_delta.items():
+        value = base.double()
+        if key in params:
+            value = value + (params[key].detach().double() - anchor[key].double())
+        total += float(value.pow(2).sum())
+    return math.sqrt(total)
+
+
+# --------------------------------------------------------------------------------------------- DisTaC
+
+
+def condition(model: TaskModel, pretrained: Mapping[str, torch.Tensor], task_vector: TaskVector,
+              unlabeled: Sequence[Any], collate: Collate, config: DistacConfig | None = None, *,
+              progress: bool = True, on_log: LogCallback | None = None) -> ConditioningResult:
+    """Run DisTaC on one task and return the conditioned task vector τ'.
+
+    ``model`` carries the task's head (frozen here); its backbone weights are overwritten, and on return it
+    holds the conditioned model θ_pre + τ'. ``pretrained`` is θ_pre (at least the keys of ``task_vector``),
+    ``unlabeled`` the task's inputs (labels, if any, are never used) and ``collate`` turns a list of them
+    into model inputs. Each history entry describes one logged optimizer step: the minibatch's losses and
+    student statistics (at the weights the step started from) and ‖τ'‖ after the step.
+    """
+    config = config or DistacConfig()
+    _check_keys(model, pretrained, task_vector)
+    examples = _select_unlabeled(unlabeled, config)
+    device = next(model.parameters()).device
+    original_norm = task_vector.norm()
+    kappa = config.resolve_kappa(original_norm)
+    anchor_delta = {k: (kappa * v.float()).to(device) for k, v in task_vector.items()}
+
+    head_flags = [p.requires_grad for p in model.head.parameters()]
+    was_training = model.training
+    try:
+        # Teacher: θ_pre + τ in eval mode. Cached: one pass over the data with this very model, then it
+        # becomes the student. Uncached: a frozen copy that runs on every minibatch.
+        _load_delta(model, pretrained, task_vector)
+        model.eval()  # teacher and student alike: no dropout (see the module docstring)
+        teacher: TaskModel | None = None
+        if config.cache_teacher:
+            cached = _teacher_logits(model, examples, collate, config.batch_size, device)
+            teacher_passes = math.ceil(len(examples) / config.batch_size)
+        else:
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            cached, teacher_passes = None, 0
+        _load_delta(model, pretrained, anchor_delta)
+
+        for p in model.head.parameters():
+            p.requires_grad_(False)
+        named = dict(model.backbone.named_parameters())
+        params = {k: named[k] for k in task_vector if k in named and named[k].requires_grad}
+        if not params:
+            raise MismatchError("none of the task vector's tensors is a trainable backbone parameter")
+        anchor = {k: p.detach().clone() for k, p in params.items()}
+        optimizer = torch.optim.Adam(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+        sampler = _BatchSampler(len(examples), config.batch_size, config.seed)
+        history: list[dict[str, float]] = []
+        cache_hits = 0
+        for step in tqdm(range(1, config.steps + 1), desc="DisTaC", unit="step", disable=not progress):
+            index = sampler.next()
+            inputs = _to_device(collate([examples[i] for i in index.tolist()]), device)
+            if teacher is None:
+                target = cached[index.to(device)]
+                cache_hits += 1
+            else:
+                with torch.no_grad(), _autocast(device):
+                    target = teacher(inputs).float()
+                teacher_passes += 1
+            with _autocast(device):
+                student = model(inputs)
+            kd = distillation_loss(student, target, config.teacher_temperature, config.student_temperature)
+            reg = sum(((p.float() - anchor[k].float()) ** 2).sum() for k, p in params.items())
+            loss = kd + config.beta * reg
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params.values(), config.grad_clip)
+            optimizer.step()
+            if step % config.log_every == 0 or step == config.steps:
+                max_prob, entropy = prediction_stats(student.detach())
+                agreement = float((student.detach().argmax(-1) == target.argmax(-1)).float().mean())
+                metrics = {"step": step, "loss": float(loss.detach()), "kd_loss": float(kd.detach()),
+                           "reg_loss": float(reg.detach()), "norm": _delta_norm(anchor_delta, params, anchor),
+                           "student_entropy": entropy, "student_max_prob": max_prob,
+                           "teacher_agreement": agreement}
+                history.append(metrics)
+                if on_log is not None:
+                    on_log(step, dict(metrics))
+
+        with torch.no_grad():  # τ' = κτ + (θ − θ_0): exactly κτ where nothing moved
+            backbone = model.backbone.state_dict()
+            conditioned = {}
+            for key, value in task_vector.items():
+                delta = anchor_delta[key]
+                if key in params:
+                    delta = delta + (backbone[key].float() - anchor[key].float())
+                conditioned[key] = delta.to(device="cpu", dtype=value.dtype)
+        teacher_stats = prediction_stats(cached) if cached is not None else (None, None)
+    finally:
+        for p, flag in zip(model.head.parameters(), head_flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+    vector = TaskVector(conditioned)
+    result = ConditioningResult(
+        vector=vector, history=history, kappa=kappa, original_norm=original_norm,
+        anchor_norm=kappa * original_norm, final_norm=vector.norm(), teacher_forward_passes=teacher_passes,
+        teacher_cache_hits=cache_hits, teacher_mean_max_prob=teacher_stats[0],
+        teacher_mean_entropy=teacher_stats[1], config=config)
+    log.info("DisTaC: κ=%.4g, ‖τ‖ %.4g → anchor %.4g → ‖τ'‖ %.4g after %d steps", kappa, original_norm,
+             result.anchor_norm, result.final_norm, config.steps)
+    return result

@@ -1,0 +1,238 @@
+"""Diagnose the two failure modes of merging before merging, and recommend DisTaC settings.
+
+Per task: ‖τ_t‖ and its ratio to the smallest norm, pairwise cosines, label-free confidence on unlabeled
+inputs (mean max-probability, mean entropy) and, where labels exist, ECE on validation data.
+
+Flags (thresholds are arguments; defaults below):
+
+- ``norm_disparity`` on task t when ‖τ_t‖ / min_s ‖τ_s‖ > 2. With orthogonal vectors and norm ratio
+  δ = 2, the shorter one's cosine with their sum is 1/√5 ≈ 0.45 (0.71 at equal norms): past this point the
+  short task starts to vanish from the merge (METHODS.md, failure mode 1).
+- ``low_confidence`` on task t when its scaled confidence c = (mean max-prob − 1/C)/(1 − 1/C) is below
+  0.7. c is 0 at chance and 1 for one-hot predictions, comparable across class counts, and for a model
+  that fits label smoothing ε it equals 1 − ε: the threshold flags sources softer than label smoothing 0.3,
+  the regime where the paper's low-confidence drops appear (failure mode 2).
+
+Recommendations: when any task is flagged for norm disparity, κ_t = min norm / ‖τ_t‖ (``kappa_policy``;
+shrink only) and every task with κ_t < 1 is conditioned. A low-confidence task gets T_tcr = 1 and
+T_stu = the smallest s ≥ 1 at which its own teacher logits, sharpened to softmax(s·z), reach scaled
+confidence 0.95 (DisTaC drives z_s ≈ s·z_t), capped at 10.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from distac.calibration import confidence_stats, expected_calibration_error
+from distac.conditioning import DistacConfig, kappa_policy
+from distac.errors import ConfigError
+from distac.evaluation import labels_of, predict_logits
+from distac.models.base import TaskModel
+from distac.vectors import TaskVector
+
+log = logging.getLogger(__name__)
+
+NORM_RATIO_THRESHOLD = 2.0
+CONFIDENCE_THRESHOLD = 0.7
+TARGET_CONFIDENCE = 0.95
+MAX_TEMPERATURE_RATIO = 10.0
+
+
+@dataclass
+class TaskDiagnosis:
+    name: str
+    norm: float
+    norm_ratio: float  # ‖τ_t‖ / the smallest norm among the tasks
+    num_classes: int | None = None
+    mean_max_prob: float | None = None
+    mean_entropy: float | None = None
+    scaled_confidence: float | None = None
+    ece: float | None = None
+    sharpening_temperature: float | None = None  # s reaching the target confidence; only when flagged
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recommendation:
+    task: str
+    condition: bool
+    kappa: float
+    teacher_temperature: float
+    student_temperature: float
+    reasons: list[str]
+
+    def config(self, **overrides: Any) -> DistacConfig:
+        """A DisTaC config with these κ and temperatures (other fields from ``overrides`` or defaults)."""
+        return DistacConfig(kappa=self.kappa, teacher_temperature=self.teacher_temperature,
+                            student_temperature=self.student_temperature, **overrides)
+
+
+@dataclass
+class Diagnosis:
+    tasks: list[TaskDiagnosis]
+    cosines: list[list[float]]  # [i][j]: cosine of τ_i and τ_j
+    thresholds: dict[str, float]
+    recommendations: list[Recommendation] = field(default_factory=list)
+
+    @property
+    def flags(self) -> dict[str, list[str]]:
+        """Flag → the tasks that raised it."""
+        out: dict[str, list[str]] = {}
+        for task in self.tasks:
+            for flag in task.flags:
+                out.setdefault(flag, []).append(task.name)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        names = [t.name for t in self.tasks]
+        return {"tasks": [asdict(t) for t in self.tasks],
+                "cosines": {a: dict(zip(names, row)) for a, row in zip(names, self.cosines)},
+                "flags": self.flags, "thresholds": self.thresholds,
+                "recommendations": [asdict(r) for r in self.recommendations]}
+
+    def to_markdown(self) -> str:
+        def fmt(value: float | None, spec: str = ".3f") -> str:
+            return "–" if value is None else format(value, spec)
+
+        lines = ["| Task | ‖τ‖ | ratio to min | mean max-prob | mean entropy | scaled conf. | ECE | flags |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for t in self.tasks:
+            lines.append(f"| {t.name} | {t.norm:.4g} | {t.norm_ratio:.2f} | {fmt(t.mean_max_prob)} | "
+                         f"{fmt(t.mean_entropy)} | {fmt(t.scaled_confidence)} | {fmt(t.ece)} | "
+                         f"{', '.join(t.flags) or '–'} |")
+        names = [t.name for t in self.tasks]
+        lines += ["", "Pairwise cosines:", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {a} | " + " | ".join(f"{c:.3f}" for c in row) + " |" for a, row in zip(names, self.cosines)]
+        if self.recommendations:
+            lines += ["", "| Task | condition | κ | T_tcr | T_stu | why |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r.task} | {'yes' if r.condition else 'no'} | {r.kappa:.3f} | "
+                      f"{r.teacher_temperature:g} | {r.student_temperature:.3g} | {'; '.join(r.reasons) or '–'} |"
+                      for r in self.recommendations]
+        return "\n".join(lines)
+
+
+def sharpening_temperature(logits: torch.Tensor, target: float = TARGET_CONFIDENCE,
+                           cap: float = MAX_TEMPERATURE_RATIO) -> float:
+    """The smallest s in [1, cap] with scaled confidence of softmax(s·logits) ≥ target (bisection).
+
+    Mean max-probability grows monotonically with s, so bisection on log s converges; returns ``cap``
+    when even s = cap falls short.
+    """
+    def reaches(scale: float) -> bool:
+        return confidence_stats(logits.double() * scale).scaled_confidence >= target
+
+    if reaches(1.0):
+        return 1.0
+    if not reaches(cap):
+        return cap
+    low, high = 0.0, math.log(cap)
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (low, middle) if reaches(math.exp(middle)) else (middle, high)
+    return math.exp(high)
+
+
+def diagnose(task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
+             unlabeled_logits: Mapping[str, torch.Tensor] | None = None,
+             validation: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None, *,
+             norm_ratio_threshold: float = NORM_RATIO_THRESHOLD,
+             confidence_threshold: float = CONFIDENCE_THRESHOLD,
+             target_confidence: float = TARGET_CONFIDENCE) -> Diagnosis:
+    """Diagnose tasks from their vectors, teacher logits on unlabeled inputs and (logits, labels) of a
+    labeled validation split; the last two are optional and keyed by task name like ``task_vectors``."""
+    if not task_vectors:
+        raise ConfigError("diagnose needs at least one task vector")
+    if not norm_ratio_threshold >= 1:
+        raise ConfigError(f"norm_ratio_threshold must be >= 1, got {norm_ratio_threshold}")
+    if not 0 < confidence_threshold < target_confidence <= 1:
+        raise ConfigError(f"need 0 < confidence_threshold < target_confidence <= 1, got "
+                          f"{confidence_threshold} and {target_confidence}")
+    for name in list(unlabeled_logits or {}) + list(validation or {}):
+        if name not in task_vectors:
+            raise ConfigError(f"logits given for task {name!r}, which has no task vector")
+    names = list(task_vectors)
+    vectors = [v if isinstance(v, TaskVector) else TaskVector(v) for v in task_vectors.values()]
+    norms = [v.norm() for v in vectors]
+    smallest = min(norms)
+    cosines = [[1.0 if i == j else 0.0 for j in range(len(vectors))] for i in range(len(vectors))]
+    for i in range(len(vectors)):
+        for j in range(i + 1, len(vectors)):
+            cosines[i][j] = cosines[j][i] = vectors[i].cosine(vectors[j])
+
+    tasks = []
+    for name, norm in zip(names, norms):
+        ratio = norm / smallest if smallest > 0 else (1.0 if norm == 0 else math.inf)
+        task = TaskDiagnosis(name=name, norm=norm, norm_ratio=ratio)
+        if ratio > norm_ratio_threshold:
+            task.flags.append("norm_disparity")
+        if unlabeled_logits and name in unlabeled_logits:
+            logits = unlabeled_logits[name]
+            stats = confidence_stats(logits)
+            task.num_classes, task.mean_max_prob = stats.num_classes, stats.mean_max_prob
+            task.mean_entropy, task.scaled_confidence = stats.mean_entropy, stats.scaled_confidence
+            if stats.scaled_confidence < confidence_threshold:
+                task.flags.append("low_confidence")
+                task.sharpening_temperature = sharpening_temperature(logits, target_confidence)
+        if validation and name in validation:
+            logits, labels = validation[name]
+            task.ece = expected_calibration_error(torch.softmax(logits.double(), dim=1), labels)
+        tasks.append(task)
+    diagnosis = Diagnosis(tasks=tasks, cosines=cosines, thresholds={
+        "norm_ratio": norm_ratio_threshold, "scaled_confidence": confidence_threshold,
+        "target_confidence": target_confidence})
+    diagnosis.recommendations = recommend(diagnosis)
+    return diagnosis
+
+
+def recommend(diagnosis: Diagnosis) -> list[Recommendation]:
+    """Which tasks to condition and with which κ and temperatures (rules in the module docstring)."""
+    disparity = any("norm_disparity" in t.flags for t in diagnosis.tasks)
+    kappas = kappa_policy({t.name: t.norm for t in diagnosis.tasks}, "min") if disparity else {}
+    out = []
+    for task in diagnosis.tasks:
+        kappa, t_student, reasons = kappas.get(task.name, 1.0), 1.0, []
+        if kappa < 1:
+            reasons.append(f"norm {task.norm_ratio:.2f}× the smallest: shrink to it")
+        if "low_confidence" in task.flags:
+            t_student = task.sharpening_temperature or 1.0
+            reasons.append(f"scaled confidence {task.scaled_confidence:.2f} < "
+                           f"{diagnosis.thresholds['scaled_confidence']}: sharpen by T_stu/T_tcr = {t_student:.3g}")
+        out.append(Recommendation(task=task.name, condition=bool(reasons), kappa=kappa, teacher_temperature=1.0,
+                                  student_temperature=t_student, reasons=reasons))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- from models
+
+
+@dataclass
+class SourceModel:
+    """A fine-tuned source model with what diagnosing it needs."""
+
+    name: str
+    model: TaskModel
+    collate: Callable[[Sequence[Any]], Mapping[str, torch.Tensor]]
+    unlabeled: Sequence[Any]
+    validation: Sequence[Any] | None = None  # labeled; enables ECE
+
+
+def diagnose_models(pretrained: Mapping[str, torch.Tensor], sources: Sequence[SourceModel], *,
+                    batch_size: int = 64, progress: bool = False, **thresholds: float) -> Diagnosis:
+    """Task vectors from the models' backbones, logits from running them; then ``diagnose``."""
+    if len({s.name for s in sources}) != len(sources):
+        raise ConfigError(f"source model names must be unique, got {[s.name for s in sources]}")
+    vectors, unlabeled_logits, validation = {}, {}, {}
+    for source in sources:
+        vectors[source.name] = TaskVector.from_state_dicts(pretrained, source.model.backbone_state())
+        unlabeled_logits[source.name] = predict_logits(source.model, source.unlabeled, source.collate,
+                                                       batch_size, progress)
+        if source.validation:
+            logits = predict_logits(source.model, source.validation, source.collate, batch_size, progress)
+            validation[source.name] = (logits, labels_of(source.validation))
+    return diagnose(vectors, unlabeled_logits, validation, **thresholds)

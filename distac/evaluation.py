@@ -1,0 +1,334 @@
+"""Accuracy of fine-tuned and merged models, normalized accuracy, and the per-method α search.
+
+Task t of a merge is always served with θ_pre + α·τ_m (EMR: its own per-task vector) and its own head.
+Normalized accuracy divides by the accuracy of the ORIGINAL fine-tuned source model, never by that of its
+conditioned copy (METHODS.md, "Metrics").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from distac.calibration import confidence_stats, expected_calibration_error
+from distac.errors import ConfigError
+from distac.merging import METHODS, Merged, merge
+from distac.merging.base import default_device
+from distac.models.base import TaskModel
+
+log = logging.getLogger(__name__)
+
+Collate = Callable[[Sequence[Any]], Mapping[str, torch.Tensor]]
+DEFAULT_ALPHA_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+
+class EvalTask(Protocol):
+    """What evaluation needs of a task (``distac.data.TaskData`` fits)."""
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+
+
+class Builder(Protocol):
+    """What evaluation needs of a model adapter (``distac.models.base.ModelAdapter`` fits)."""
+
+    def build(self, num_classes: int, class_names: Sequence[str] | None = None, seed: int = 0) -> TaskModel: ...
+
+    def collate(self, examples: Sequence[Any]) -> Mapping[str, torch.Tensor]: ...
+
+
+# --------------------------------------------------------------------------------------------- basics
+
+
+@torch.no_grad()
+def predict_logits(model: TaskModel, examples: Sequence[Any], collate: Collate, batch_size: int = 64,
+                   progress: bool = False) -> torch.Tensor:
+    """Logits [N, C] (float32, CPU) of ``model`` in eval mode on ``examples``, in order."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = []
+    try:
+        for start in tqdm(range(0, len(examples), batch_size), desc="predict", unit="batch",
+                          disable=not progress):
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                      for k, v in collate(examples[start:start + batch_size]).items()}
+            chunks.append(model(inputs).float().cpu())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise ConfigError("cannot predict on an empty set of examples")
+    return torch.cat(chunks)
+
+
+def labels_of(examples: Sequence[Any]) -> torch.Tensor:
+    """The integer labels of labeled examples (anything with a ``.label``)."""
+    labels = [getattr(example, "label", None) for example in examples]
+    missing = sum(label is None for label in labels)
+    if missing:
+        raise ConfigError(f"{missing} of {len(labels)} examples have no label; evaluation needs labeled data")
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose argmax equals the label."""
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],) or logits.shape[0] == 0:
+        raise ConfigError(f"accuracy needs [N, C] logits and N labels, got {tuple(logits.shape)} "
+                          f"and {tuple(labels.shape)}")
+    return float((logits.argmax(dim=1) == labels.to(logits.device)).float().mean())
+
+
+def normalized_accuracy(merged_acc: float, finetuned_acc: float) -> float:
+    """Merged accuracy / the original fine-tuned source model's accuracy on the same task and split."""
+    if not finetuned_acc > 0:
+        raise ConfigError(f"normalized accuracy needs a fine-tuned accuracy > 0, got {finetuned_acc!r}")
+    return merged_acc / finetuned_acc
+
+
+@dataclass
+class TaskEvaluation:
+    """One model on one task: accuracy plus label-free confidence and ECE."""
+
+    task: str
+    accuracy: float
+    num_examples: int
+    mean_max_prob: float
+    mean_entropy: float
+    ece: float
+    normalized_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def evaluate_logits(task: str, logits: torch.Tensor, labels: torch.Tensor,
+                    finetuned_accuracy: float | None = None) -> TaskEvaluation:
+    acc = accuracy(logits, labels)
+    stats = confidence_stats(logits)
+    return TaskEvaluation(
+        task=task, accuracy=acc, num_examples=int(labels.numel()), mean_max_prob=stats.mean_max_prob,
+        mean_entropy=stats.mean_entropy, ece=expected_calibration_error(torch.softmax(logits.double(), 1), labels),
+        normalized_accuracy=None if finetuned_accuracy is None else normalized_accuracy(acc, finetuned_accuracy))
+
+
+def evaluate_task(model: TaskModel, examples: Sequence[Any], collate: Collate, *, task: str = "",
+                  batch_size: int = 64, finetuned_accuracy: float | None = None,
+                  progress: bool = False) -> TaskEvaluation:
+    """Accuracy, confidence and ECE of ``model`` on labeled ``examples``."""
+    logits = predict_logits(model, examples, collate, batch_size, progress)
+    return evaluate_logits(task, logits, labels_of(examples), finetuned_accuracy)
+
+
+# --------------------------------------------------------------------------------------------- merged
+
+
+@dataclass
+class MergedEvaluation:
+    """A merged model evaluated on every task it serves."""
+
+    method: str
+    alpha: float | None
+    split: str
+    tasks: list[TaskEvaluation]
+
+    @property
+    def mean_accuracy(self) -> float:
+        return sum(t.accuracy for t in self.tasks) / len(self.tasks)
+
+    @property
+    def mean_normalized_accuracy(self) -> float | None:
+        values = [t.normalized_accuracy for t in self.tasks]
+        return None if any(v is None for v in values) else sum(values) / len(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "alpha": self.alpha, "split": self.split,
+                "mean_accuracy": self.mean_accuracy, "mean_normalized_accuracy": self.mean_normalized_accuracy,
+                "tasks": [t.to_dict() for t in self.tasks]}
+
+    def to_markdown(self) -> str:
+        return per_task_table_markdown([self])
+
+
+def _served_model(adapter: Builder, task: EvalTask, head: Mapping[str, torch.Tensor],
+                  device: torch.device) -> TaskModel:
+    model = adapter.build(task.num_classes, task.class_names)
+    model.load_head(head)
+    return model.to(device).eval()
+
+
+def _check_alignment(merged_tasks: int, heads: Sequence[Any], tasks: Sequence[EvalTask]) -> None:
+    if not (merged_tasks == len(heads) == len(tasks)):
+        raise ConfigError(f"the merge covers {merged_tasks} tasks but {len(heads)} heads and {len(tasks)} "
+                          f"task datasets were given; they must align one to one, in merge order")
+
+
+def _finetuned_for(finetuned_accuracy: Mapping[str, float] | None, task: str) -> float | None:
+    if finetuned_accuracy is None:
+        return None
+    if task not in finetuned_accuracy:
+        raise ConfigError(f"no fine-tuned accuracy for task {task!r} (have: {', '.join(finetuned_accuracy)})")
+    return finetuned_accuracy[task]
+
+
+def evaluate_merged(adapter: Builder, pretrained_state: Mapping[str, torch.Tensor], merged: Merged,
+                    heads: Sequence[Mapping[str, torch.Tensor]], tasks: Sequence[EvalTask], *,
+                    split: str = "test", alpha: float = 1.0,
+                    finetuned_accuracy: Mapping[str, float] | None = None, batch_size: int = 64,
+                    device: torch.device | str | None = None, progress: bool = False) -> MergedEvaluation:
+    """Serve task i with θ_pre + α·merged.for_task(i) and head i; evaluate on each task's ``split``.
+
+    ``finetuned_accuracy`` (task name → accuracy of the original fine-tuned model on the same split) adds
+    normalized accuracy.
+    """
+    _check_alignment(merged.num_tasks, heads, tasks)
+    device = torch.device(device) if device is not None else default_device()
+    rows = []
+    for i, (task, head) in enumerate(zip(tasks, heads)):
+        model = _served_model(adapter, task, head, device)
+        model.load_backbone(merged.for_task(i).apply_to(pretrained_state, alpha))
+        examples = getattr(task, split)
+        rows.append(evaluate_task(model, examples, adapter.collate, task=task.name, batch_size=batch_size,
+                                  finetuned_accuracy=_finetuned_for(finetuned_accuracy, task.name),
+                                  progress=progress))
+        del model
+    return MergedEvaluation(method=merged.method, alpha=alpha, split=split, tasks=rows)
+
+
+# --------------------------------------------------------------------------------------------- α search
+
+
+def has_alpha(method_name: str) -> bool:
+    """Whether the method's result is α·merge(...), so it can be merged once and scaled."""
+    if method_name not in METHODS:
+        raise ConfigError(f"unknown merge method {method_name!r}; available: {', '.join(sorted(METHODS))}")
+    return "alpha" in METHODS[method_name].hyperparameters()
+
+
+def scale_merged(merged: Merged, alpha: float) -> Merged:
+    """The merge result at α, from one computed at α = 1."""
+    return dataclasses.replace(merged, vector=merged.vector * alpha, info={**merged.info, "alpha": alpha})
+
+
+@dataclass
+class AlphaSearch:
+    """α chosen by mean accuracy on a held-out split; ``merged`` is the result at that α."""
+
+    method: str
+    alpha: float | None
+    split: str
+    scores: dict[float, float] = field(default_factory=dict)  # α → mean accuracy (empty without α)
+    merged: Merged | None = None
+    evaluation: MergedEvaluation | None = None  # at the chosen α, on ``split``
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "alpha": self.alpha, "split": self.split,
+                "scores": {str(a): s for a, s in self.scores.items()},
+                "evaluation": self.evaluation.to_dict() if self.evaluation else None}
+
+
+def search_alpha(method_name: str, task_vectors: Sequence[Mapping[str, torch.Tensor]], adapter: Builder,
+                 pretrained_state: Mapping[str, torch.Tensor], heads: Sequence[Mapping[str, torch.Tensor]],
+                 tasks: Sequence[EvalTask], *, grid: Sequence[float] = DEFAULT_ALPHA_GRID,
+                 split: str = "validation", hyperparams: Mapping[str, Any] | None = None,
+                 batch_size: int = 64, device: torch.device | str | None = None,
+                 progress: bool = False) -> AlphaSearch:
+    """Pick α for a method by mean accuracy on ``split``.
+
+    Methods whose result is α·merge(...) are merged ONCE at α = 1 and served at every α of the grid by
+    scaling (equal to re-merging, far cheaper). Methods without α (emr, wudi) are merged and evaluated once.
+    Ties go to the earliest α in the grid.
+    """
+    hyperparams = dict(hyperparams or {})
+    if not has_alpha(method_name):
+        merged = merge(method_name, task_vectors, device=device, **hyperparams)
+        evaluation = evaluate_merged(adapter, pretrained_state, merged, heads, tasks, split=split,
+                                     batch_size=batch_size, device=device, progress=progress)
+        return AlphaSearch(method_name, None, split, {}, merged, dataclasses.replace(evaluation, alpha=None))
+    if "alpha" in hyperparams:
+        raise ConfigError("search_alpha chooses alpha itself; do not pass it in hyperparams")
+    if not grid or any(not a > 0 for a in grid):
+        raise ConfigError(f"the alpha grid must be non-empty and positive, got {list(grid)}")
+
+    merged = merge(method_name, task_vectors, device=device, alpha=1.0, **hyperparams)
+    _check_alignment(merged.num_tasks, heads, tasks)
+    device = torch.device(device) if device is not None else default_device()
+    per_alpha: dict[float, list[TaskEvaluation]] = {float(a): [] for a in grid}
+    for i, (task, head) in enumerate(zip(tasks, heads)):  # one model in memory at a time
+        model = _served_model(adapter, task, head, device)
+        served = merged.for_task(i)
+        examples = getattr(task, split)
+        labels = labels_of(examples)
+        for alpha in per_alpha:
+            model.load_backbone(served.apply_to(pretrained_state, alpha))
+            logits = predict_logits(model, examples, adapter.collate, batch_size, progress)
+            per_alpha[alpha].append(evaluate_logits(task.name, logits, labels))
+        del model
+    scores = {alpha: sum(r.accuracy for r in rows) / len(rows) for alpha, rows in per_alpha.items()}
+    best = max(scores, key=lambda a: (scores[a], -list(scores).index(a)))
+    log.info("%s: alpha=%.3g (mean %s accuracy %.4f)", method_name, best, split, scores[best])
+    return AlphaSearch(method_name, best, split, scores, scale_merged(merged, best),
+                       MergedEvaluation(method_name, best, split, per_alpha[best]))
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def per_task_table_markdown(evaluations: Sequence[MergedEvaluation],
+                            finetuned_accuracy: Mapping[str, float] | None = None,
+                            labels: Sequence[str] | None = None) -> str:
+    """Rows = merged models, columns = tasks; each cell 'absolute (normalized)' in %, then the means.
+
+    ``finetuned_accuracy`` adds an 'Individual' row (the source models, 100% normalized by definition).
+    """
+    if not evaluations:
+        raise ConfigError("nothing to tabulate")
+    task_names = [t.task for t in evaluations[0].tasks]
+    labels = labels or [e.method if e.alpha is None else f"{e.method} (α={e.alpha:g})" for e in evaluations]
+    lines = ["| Method | " + " | ".join(task_names) + " | Avg. abs. | Avg. norm. |",
+             "|---|" + "---|" * (len(task_names) + 2)]
+    if finetuned_accuracy is not None:
+        accs = [finetuned_accuracy[name] for name in task_names]
+        lines.append("| Individual | " + " | ".join(_pct(a) for a in accs)
+                     + f" | {_pct(sum(accs) / len(accs))} | 100.0 |")
+    for label, evaluation in zip(labels, evaluations):
+        by_task = {t.task: t for t in evaluation.tasks}
+        cells = [f"{_pct(by_task[n].accuracy)} ({_pct(by_task[n].normalized_accuracy)})" for n in task_names]
+        lines.append(f"| {label} | " + " | ".join(cells)
+                     + f" | {_pct(evaluation.mean_accuracy)} | {_pct(evaluation.mean_normalized_accuracy)} |")
+    return "\n".join(lines)
+
+
+def results_table_markdown(results: Mapping[str, Mapping[str, MergedEvaluation]]) -> str:
+    """The paper's summary layout: rows = methods, per setting an 'Abs.' and a 'Norm.' column (means, %).
+
+    ``results``: setting (e.g. 'original', 'norm mismatch', 'norm mismatch + DisTaC') → method → result.
+    """
+    if not results:
+        raise ConfigError("nothing to tabulate")
+    settings = list(results)
+    methods: list[str] = []
+    for per_method in results.values():
+        methods += [m for m in per_method if m not in methods]
+    lines = ["| Method | " + " | ".join(f"{s} abs. | {s} norm." for s in settings) + " |",
+             "|---|" + "---|---|" * len(settings)]
+    for method in methods:
+        cells = []
+        for setting in settings:
+            evaluation = results[setting].get(method)
+            cells += (["–", "–"] if evaluation is None else
+                      [_pct(evaluation.mean_accuracy), _pct(evaluation.mean_normalized_accuracy)])
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
