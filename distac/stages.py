@@ -8,8 +8,8 @@ Layout under ``params.storage.root`` (a local directory or ``s3://bucket/prefix`
     vectors/<task>/                  task_vector.safetensors, stats.json
     diagnosis/                       diagnosis.json (incl. the tasks to condition), diagnosis.md
     conditioned/<task>/              task_vector.safetensors (only if conditioned), summary.json
-    merged/<method>[-distac]/        vector.safetensors or served/<task>.safetensors, merge.json
-    evaluation/<method>[-distac]/    evaluation.json
+    merged/<method>/<variant>/       vector.safetensors or served/<task>.safetensors, merge.json
+    evaluation/<method>/<variant>/   evaluation.json        (variant: as-is or distac)
     report/                          results.md, results.csv, results.png, plot.csv, metrics.json
 
 Each stage directory ends with ``_done.json``, written last, holding the stage's fingerprint: a hash of
@@ -63,9 +63,12 @@ class StageResult:
 # --------------------------------------------------------------------------------------------- layout
 
 
-def variant_name(method: str, conditioned: bool) -> str:
-    """``ties`` as-is, ``ties-distac`` after DisTaC conditioning."""
-    return f"{method}-distac" if conditioned else method
+VARIANTS = ("as-is", "distac")
+
+
+def variant_name(conditioned: bool) -> str:
+    """``as-is`` or ``distac`` (after DisTaC conditioning): the sub-directory of a merge or evaluation."""
+    return VARIANTS[int(conditioned)]
 
 
 def stage_dir(params: PipelineParams, stage: str, task: str | None = None, method: str | None = None,
@@ -80,7 +83,7 @@ def stage_dir(params: PipelineParams, stage: str, task: str | None = None, metho
         return io.join_uri(root, "diagnosis")
     if stage in ("merge", "evaluate"):
         folder = "merged" if stage == "merge" else "evaluation"
-        return io.join_uri(root, folder, variant_name(_known_method(params, method), conditioned))
+        return io.join_uri(root, folder, _known_method(params, method), variant_name(conditioned))
     if stage == "report":
         return io.join_uri(root, "report")
     raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
@@ -150,9 +153,8 @@ def _run(params: PipelineParams, stage: str, work: Callable[[str], dict[str, Any
          **where: Any) -> StageResult:
     """Skip the stage if its manifest matches; otherwise clear the manifest, do the work, write it."""
     uri = stage_dir(params, stage, **where)
-    key = "/".join([stage, *(str(v) for v in where.values() if v not in (None, False))])
-    if where.get("conditioned"):
-        key = key.replace("/True", "/distac")
+    key = "/".join([stage, *([where["task"]] if "task" in where else []),
+                    *([where["method"], variant_name(where["conditioned"])] if "method" in where else [])])
     expected = stage_fingerprint(params, stage, **where)
     manifest = read_manifest(uri)
     if not force and manifest is not None and manifest.get("fingerprint") == expected:
@@ -213,7 +215,7 @@ def _load_vector(params: PipelineParams, task: str, conditioned: bool):
     """The task's vector: the DisTaC-conditioned one when asked for and the task was conditioned."""
     from distac.vectors import TaskVector
 
-    if conditioned and read_json(stage_dir(params, "condition", task=task), "summary.json")["conditioned"]:
+    if conditioned and task in conditioned_tasks(params):
         return TaskVector.load(io.join_uri(stage_dir(params, "condition", task=task), VECTOR_FILE))
     return TaskVector.load(io.join_uri(stage_dir(params, "extract", task=task), VECTOR_FILE))
 

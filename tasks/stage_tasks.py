@@ -151,22 +151,22 @@ def _merge_and_log(p: PipelineParams, method: str, conditioned: bool, run: Stage
     return result
 
 
-@stage_task("merge", "merge-{method}-{conditioned}")
+@stage_task("merge", "merge-{method}-conditioned={conditioned}")
 def merge(params: dict[str, Any], method: str, conditioned: bool = False,
           tracking: Tracking | None = None) -> dict[str, Any]:
     p = params_of(params)
-    name = f"merge-{stages.variant_name(method, conditioned)}"
+    name = f"merge-{method}-{stages.variant_name(conditioned)}"
     logged = {"method": p.merge.method(method).model_dump(mode="json"), "conditioned": conditioned,
               "alpha_grid": p.merge.alpha_grid}
     return _tracked("merge", p, tracking, name, logged, lambda run: _merge_and_log(p, method, conditioned, run),
                     artifacts=["merge.json"])
 
 
-@stage_task("evaluate", "evaluate-{method}-{conditioned}")
+@stage_task("evaluate", "evaluate-{method}-conditioned={conditioned}")
 def evaluate(params: dict[str, Any], method: str, conditioned: bool = False,
              tracking: Tracking | None = None) -> dict[str, Any]:
     p = params_of(params)
-    name = f"evaluate-{stages.variant_name(method, conditioned)}"
+    name = f"evaluate-{method}-{stages.variant_name(conditioned)}"
     return _tracked("evaluate", p, tracking, name, {"method": method, "conditioned": conditioned},
                     lambda run: stages.evaluate(p, method, conditioned), artifacts=["evaluation.json"])
 

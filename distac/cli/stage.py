@@ -9,6 +9,7 @@ import argparse
 import json
 
 from distac.errors import ConfigError
+from distac.stages import VARIANTS
 
 TASK_STAGES = ("finetune", "extract", "condition")
 METHOD_STAGES = ("merge", "evaluate")
@@ -23,7 +24,8 @@ def register(subparsers) -> None:
     parser.add_argument("--task", help=f"the task, for {', '.join(TASK_STAGES)}")
     parser.add_argument("--method", help=f"the merge method, for {', '.join(METHOD_STAGES)}")
     parser.add_argument("--conditioned", action="store_true",
-                        help="merge / evaluate the DisTaC-conditioned vectors")
+                        help="merge / evaluate the DisTaC-conditioned vectors (same as --variant distac)")
+    parser.add_argument("--variant", choices=VARIANTS, help="as-is (default) or distac")
     parser.add_argument("--force", action="store_true", help="run even if the stage is up to date")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from distac import stages
     from distac.config import load_params
 
+    args.conditioned = args.conditioned or args.variant == "distac"
     _check_arguments(args)
     params = load_params(args.params)
     progress = not args.no_progress
