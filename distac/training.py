@@ -161,13 +161,16 @@ def _train(model: TaskModel, adapter: ModelAdapter, train: Sequence, recipe: Fin
     generator = torch.Generator().manual_seed(recipe.seed)
     mixup_rng = random.Random(recipe.seed)
     batches = batch_indices(len(train), recipe.batch_size, generator)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=recipe.bf16_autocast and device.type == "cuda")
+    use_bf16 = recipe.bf16_autocast and device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     model.train()
     history = []
     bar = tqdm(range(1, recipe.steps + 1), desc=f"finetune {task_name}", disable=not progress, leave=False)
     for step in bar:
         examples = [train[i] for i in next(batches)]
+        if any(example.label is None for example in examples):
+            raise DistacError(f"task {task_name!r}: an unlabeled example is in the training split")
         labels = torch.tensor([example.label for example in examples], device=device)
         inputs = _to_device(adapter.collate(examples), device)
         with autocast:

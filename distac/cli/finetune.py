@@ -39,6 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-eval", type=int, help="seeded subsample of the validation and test splits")
     parser.add_argument("--glue-dir", "--data-root", dest="data_root",
                         help="GLUE directory (or torchvision data root)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
@@ -61,6 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from distac.models.store import save_pretrained, save_task_model
     from distac.training import FinetuneRecipe, finetune
 
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be ≥ 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     recipe = FinetuneRecipe(**{name: getattr(args, name) for name in RECIPE_FLAGS})
     task = load_task(args.task, root=args.data_root, max_train=args.max_train, max_eval=args.max_eval,
                      seed=args.seed)
