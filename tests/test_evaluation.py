@@ -1,0 +1,123 @@
+"""Accuracy, normalized accuracy, merged-model evaluation, the α search and the result tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distac.errors import ConfigError
+from distac.evaluation import (MergedEvaluation, TaskEvaluation, accuracy, evaluate_merged,
+                               evaluate_task, has_alpha, normalized_accuracy, per_task_table_markdown,
+                               predict_logits, results_table_markdown, scale_merged, search_alpha)
+from distac.merging import METHODS, merge
+from distac.vectors import TaskVector
+from tiny_mlp import MLPAdapter, collate, finetune, make_task
+
+GRID = (0.2, 0.5, 1.0)
+
+
+@pytest.fixture(scope="module")
+def sources():
+    adapter = MLPAdapter()
+    pretrained = adapter.pretrained_backbone_state()
+    tasks = [make_task("a", seed=1), make_task("b", seed=2, num_classes=2)]
+    models = [finetune(adapter, task, steps=80) for task in tasks]
+    vectors = [TaskVector.from_state_dicts(pretrained, m.backbone_state()) for m in models]
+    heads = [m.head_state() for m in models]
+    return adapter, pretrained, tasks, models, vectors, heads
+
+
+def test_accuracy_and_normalized_accuracy_exact():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])
+    assert accuracy(logits, torch.tensor([0, 1, 1, 1])) == 0.75
+    assert normalized_accuracy(0.6, 0.8) == pytest.approx(0.75)
+    with pytest.raises(ConfigError, match="fine-tuned accuracy"):
+        normalized_accuracy(0.5, 0.0)
+    with pytest.raises(ConfigError, match="labels"):
+        accuracy(logits, torch.tensor([0, 1]))
+
+
+def test_evaluate_task_matches_manual_prediction(sources):
+    adapter, pretrained, tasks, models, vectors, heads = sources
+    result = evaluate_task(models[0], tasks[0].test, collate, task="a", batch_size=7, finetuned_accuracy=0.5)
+    logits = models[0](collate(tasks[0].test)).detach()
+    expected = (logits.argmax(1) == torch.tensor([p.label for p in tasks[0].test])).float().mean().item()
+    assert result.accuracy == pytest.approx(expected)
+    assert result.normalized_accuracy == pytest.approx(expected / 0.5)
+    assert result.num_examples == len(tasks[0].test)
+    torch.testing.assert_close(predict_logits(models[0], tasks[0].test, collate, batch_size=3), logits)
+
+
+def test_evaluate_merged_serves_each_task_with_its_head(sources):
+    adapter, pretrained, tasks, models, vectors, heads = sources
+    merged = merge("task_arithmetic", vectors, alpha=0.5)
+    finetuned = {t.name: evaluate_task(m, t.test, collate).accuracy for t, m in zip(tasks, models)}
+    result = evaluate_merged(adapter, pretrained, merged, heads, tasks, finetuned_accuracy=finetuned, device="cpu")
+    for task, head, row in zip(tasks, heads, result.tasks):
+        model = adapter.build(task.num_classes)
+        model.load_head(head)
+        model.load_backbone((0.5 * (vectors[0] + vectors[1])).apply_to(pretrained))
+        assert row.accuracy == pytest.approx(evaluate_task(model, task.test, collate).accuracy)
+        assert row.normalized_accuracy == pytest.approx(row.accuracy / finetuned[task.name])
+    assert result.mean_accuracy == pytest.approx(sum(r.accuracy for r in result.tasks) / 2)
+    with pytest.raises(ConfigError, match="align"):
+        evaluate_merged(adapter, pretrained, merged, heads[:1], tasks, device="cpu")
+
+
+@pytest.mark.parametrize("method", [name for name in METHODS if has_alpha(name)])
+def test_scaling_the_alpha_one_merge_equals_re_merging(sources, method):
+    vectors = sources[4]
+    once = merge(method, vectors, alpha=1.0, device="cpu")
+    for alpha in GRID:
+        remerged = merge(method, vectors, alpha=alpha, device="cpu")
+        scaled = scale_merged(once, alpha)
+        for key in remerged.vector:
+            torch.testing.assert_close(scaled.vector[key], remerged.vector[key], rtol=1e-5, atol=1e-6)
+
+
+def test_search_alpha_scores_equal_evaluating_re_merged_models(sources):
+    adapter, pretrained, tasks, models, vectors, heads = sources
+    search = search_alpha("task_arithmetic", vectors, adapter, pretrained, heads, tasks, grid=GRID,
+                          device="cpu")
+    for alpha in GRID:
+        remerged = merge("task_arithmetic", vectors, alpha=alpha)
+        evaluation = evaluate_merged(adapter, pretrained, remerged, heads, tasks, split="validation", device="cpu")
+        assert search.scores[alpha] == pytest.approx(evaluation.mean_accuracy)
+    assert search.scores[search.alpha] == max(search.scores.values())
+    assert search.evaluation.mean_accuracy == pytest.approx(search.scores[search.alpha])
+    torch.testing.assert_close(search.merged.vector["0.weight"],
+                               search.alpha * (vectors[0] + vectors[1])["0.weight"])
+    with pytest.raises(ConfigError, match="alpha"):
+        search_alpha("task_arithmetic", vectors, adapter, pretrained, heads, tasks, hyperparams={"alpha": 1.0})
+
+
+def test_methods_without_alpha_are_evaluated_once(sources):
+    adapter, pretrained, tasks, models, vectors, heads = sources
+    search = search_alpha("emr", vectors, adapter, pretrained, heads, tasks, device="cpu")
+    assert search.alpha is None and search.scores == {}
+    direct = evaluate_merged(adapter, pretrained, merge("emr", vectors), heads, tasks, split="validation",
+                             device="cpu")
+    assert search.evaluation.mean_accuracy == pytest.approx(direct.mean_accuracy)
+    assert search.to_dict()["alpha"] is None
+
+
+def _evaluation(method: str, accs: tuple[float, float], alpha: float | None = None) -> MergedEvaluation:
+    rows = [TaskEvaluation(name, acc, 10, 0.9, 0.1, 0.05, acc / 0.8) for name, acc in zip(("a", "b"), accs)]
+    return MergedEvaluation(method, alpha, "test", rows)
+
+
+def test_tables_in_the_papers_layout():
+    ta, ties = _evaluation("task_arithmetic", (0.6, 0.8), 0.5), _evaluation("ties", (0.4, 0.4))
+    assert per_task_table_markdown([ta, ties], finetuned_accuracy={"a": 0.8, "b": 0.8}) == "\n".join([
+        "| Method | a | b | Avg. abs. | Avg. norm. |",
+        "|---|---|---|---|---|",
+        "| Individual | 80.0 | 80.0 | 80.0 | 100.0 |",
+        "| task_arithmetic (α=0.5) | 60.0 (75.0) | 80.0 (100.0) | 70.0 | 87.5 |",
+        "| ties | 40.0 (50.0) | 40.0 (50.0) | 40.0 | 50.0 |"])
+    table = results_table_markdown({"original": {"task_arithmetic": ta, "ties": ties},
+                                    "norm mismatch": {"task_arithmetic": ties}})
+    assert table.splitlines() == [
+        "| Method | original abs. | original norm. | norm mismatch abs. | norm mismatch norm. |",
+        "|---|---|---|---|---|",
+        "| task_arithmetic | 70.0 | 87.5 | 40.0 | 50.0 |",
+        "| ties | 40.0 | 50.0 | – | – |"]
