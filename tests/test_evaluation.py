@@ -121,3 +121,92 @@ def test_tables_in_the_papers_layout():
         "|---|---|---|---|---|",
         "| task_arithmetic | 70.0 | 87.5 | 40.0 | 50.0 |",
         "| ties | 40.0 | 50.0 | – | – |"]
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def text_models(tmp_path_factory):
+    """θ_pre and two source models (RTE, MRPC) of a tiny random BERT, stored as `distac finetune` does."""
+    pytest.importorskip("transformers")
+    from distac.data import load_task
+    from distac.data.glue import find_glue_root
+    from distac.models import build_adapter
+    from distac.models.store import save_pretrained, save_task_model
+    from distac.models.text import create_random_encoder
+    from distac.training import FinetuneRecipe, finetune as finetune_model
+
+    glue = find_glue_root()
+    if glue is None:
+        pytest.skip("GLUE data not found")
+    root = tmp_path_factory.mktemp("cli")
+    adapter = build_adapter({"kind": "hf_text", "name_or_path": create_random_encoder(root / "encoder"),
+                             "max_length": 24})
+    save_pretrained(adapter, root / "pre")
+    sources = []
+    for i, name in enumerate(("rte", "mrpc")):
+        data = load_task(name, root=glue, max_train=48, max_eval=24)
+        recipe = FinetuneRecipe(lr=5e-3 * (1 + 4 * i), steps=6, batch_size=16)  # norms differ by design
+        model = finetune_model(adapter, data, recipe, progress=False).model
+        save_task_model(root / name, model, adapter, data.name, data.num_classes, data.class_names)
+        sources.append(str(root / name))
+    return root, str(glue), str(root / "pre"), sources
+
+
+def _cli(*argv: str) -> int:
+    from distac.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_cli_extract_diagnose_condition_evaluate(text_models, capsys):
+    import json
+
+    from distac.io import read_json
+
+    root, glue, pre, (rte, mrpc) = text_models
+    assert _cli("extract", "--pretrained", pre, "--finetuned", rte, "--out", root / "tv-rte") == 0
+    from distac.models.store import backbone_uri
+    expected = TaskVector.from_checkpoints(backbone_uri(pre), backbone_uri(rte))
+    extracted = TaskVector.load(root / "tv-rte")
+    assert extracted.norm() == pytest.approx(expected.norm())
+
+    assert _cli("diagnose", "--pretrained", pre, "--finetuned", rte, mrpc, "--json", root / "diag.json",
+                "--glue-dir", glue, "--num-unlabeled", 16, "--max-eval", 16) == 0
+    diagnosis = read_json(root / "diag.json")
+    assert [t["name"] for t in diagnosis["tasks"]] == ["rte", "mrpc"]
+    assert all(t["ece"] is not None and t["mean_max_prob"] is not None for t in diagnosis["tasks"])
+    assert "Pairwise cosines" in capsys.readouterr().out
+
+    out = root / "conditioned"
+    assert _cli("condition", "--pretrained", pre, "--finetuned", mrpc, "--out", out, "--target-norm",
+                0.5 * TaskVector.from_checkpoints(backbone_uri(pre), backbone_uri(mrpc)).norm(),
+                "--steps", 4, "--batch-size", 16, "--num-unlabeled", 32, "--lr", 1e-3, "--log-every", 2,
+                "--glue-dir", glue, "--no-progress") == 0
+    history = read_json(out / "history.json")
+    assert history["kappa"] == pytest.approx(0.5) and [h["step"] for h in history["history"]] == [2, 4]
+    conditioned = TaskVector.load(out / "task_vector")
+    assert conditioned.norm() == pytest.approx(history["final_norm"], rel=1e-5)
+    assert (out / "history.png").read_bytes()[:4] == b"\x89PNG"
+    served = TaskVector.from_checkpoints(backbone_uri(pre), backbone_uri(out / "model"))
+    assert served.norm() == pytest.approx(conditioned.norm(), rel=1e-4)
+
+    assert _cli("evaluate", "--finetuned", rte, out / "model", "--pretrained", pre, "--method",
+                "task_arithmetic", "--search-alpha", "--grid", 0.5, 1.0, "--glue-dir", glue, "--max-eval", 16,
+                "--device", "cpu", "--json", root / "eval.json") == 0
+    report = json.loads((root / "eval.json").read_text())
+    assert report["alpha_search"]["alpha"] in (0.5, 1.0)
+    rows = report["merged"]["tasks"]
+    for row in rows:
+        assert row["normalized_accuracy"] == pytest.approx(row["accuracy"] / report["finetuned"][row["task"]])
+    assert "| Individual |" in capsys.readouterr().out
+
+
+def test_cli_errors_exit_2(text_models, capsys):
+    root, glue, pre, (rte, mrpc) = text_models
+    assert _cli("evaluate", "--finetuned", rte, "--method", "task_arithmetic") == 2
+    assert "--pretrained" in capsys.readouterr().err
+    assert _cli("condition", "--pretrained", pre, "--finetuned", rte, "--out", root / "x", "--lr", -1) == 2
+    assert "lr" in capsys.readouterr().err
+    assert _cli("extract", "--pretrained", pre, "--finetuned", root / "missing", "--out", root / "y") == 2

@@ -1,0 +1,105 @@
+"""``distac evaluate``: accuracy of the fine-tuned source models, and of a merge with normalized accuracy.
+
+- ``--finetuned FT...``: each model on its own task.
+- ``+ --merged OUT --pretrained PRE``: the output of `distac merge` over the same models, in the same order;
+  task i is served with θ_pre + merge-for-task-i and FT_i's head. Normalized accuracy divides by FT_i's.
+- ``+ --method M --pretrained PRE [--alpha A | --search-alpha]``: merge the models' task vectors with M here;
+  ``--search-alpha`` picks α on the validation split (merged once at α = 1, then scaled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from distac import io
+from distac.cli.extract import load_pretrained, set_threads
+from distac.errors import ConfigError
+from distac.evaluation import (DEFAULT_ALPHA_GRID, MergedEvaluation, evaluate_merged, evaluate_task,
+                               per_task_table_markdown, search_alpha)
+from distac.vectors import TaskVector
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="accuracy of fine-tuned models and of merges",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned model directories, in merge order")
+    parser.add_argument("--pretrained", help="θ_pre: model directory or checkpoint (needed for merges)")
+    parser.add_argument("--merged", help="output directory of `distac merge`")
+    parser.add_argument("--method", help="merge method to run here (with --search-alpha or --alpha)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="hyperparameter of --method (repeatable)")
+    parser.add_argument("--alpha", type=float, help="α for --method (instead of a search)")
+    parser.add_argument("--search-alpha", action="store_true", help="pick α on the validation split")
+    parser.add_argument("--grid", type=float, nargs="+", default=list(DEFAULT_ALPHA_GRID), help="α grid")
+    parser.add_argument("--split", default="test", choices=["validation", "test"])
+    parser.add_argument("--max-eval", type=int, help="seeded subsample of the validation and test splits")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--glue-dir", "--data-root", dest="data_root", help="GLUE directory or vision data root")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--json", help="write the results as JSON here")
+    parser.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.merged and args.method:
+        raise ConfigError("give --merged (an existing merge) or --method (merge here), not both")
+    if (args.merged or args.method) and not args.pretrained:
+        raise ConfigError("evaluating a merge needs --pretrained")
+    if args.search_alpha and not args.method:
+        raise ConfigError("--search-alpha needs --method")
+
+
+def run(args: argparse.Namespace) -> int:
+    from distac.cli.merge import hyperparameters_from_args
+    from distac.data import load_task
+    from distac.merging import merge
+    from distac.merging.streaming import load_merged
+    from distac.models.store import load_task_model
+
+    _check_args(args)
+    set_threads(args.threads)
+    loaded = [load_task_model(uri) for uri in args.finetuned]
+    specs = {json.dumps(m.adapter.spec(), sort_keys=True) for m in loaded}
+    if len(specs) > 1:
+        raise ConfigError(f"the fine-tuned models come from different model families: {sorted(specs)}")
+    tasks = [load_task(m.meta["task"], root=args.data_root, max_eval=args.max_eval, seed=args.seed) for m in loaded]
+    adapter = loaded[0].adapter
+    finetuned = {}
+    for model, task in zip(loaded, tasks):
+        finetuned[task.name] = evaluate_task(model.model, getattr(task, args.split), adapter.collate,
+                                             task=task.name, batch_size=args.batch_size).accuracy
+    report: dict[str, Any] = {"split": args.split, "finetuned": finetuned}
+    lines = ["| Task | fine-tuned accuracy |", "|---|---|"] + [f"| {t} | {100 * a:.1f} |" for t, a in finetuned.items()]
+
+    evaluation: MergedEvaluation | None = None
+    heads = [m.model.head_state() for m in loaded]
+    if args.merged or args.method:
+        pretrained = load_pretrained(args.pretrained)
+        options = dict(split=args.split, finetuned_accuracy=finetuned, batch_size=args.batch_size, device=args.device)
+        if args.merged:
+            merged = load_merged(args.merged)
+            evaluation = evaluate_merged(adapter, pretrained, merged, heads, tasks, **options)
+        else:
+            vectors = [TaskVector.from_state_dicts(pretrained, m.model.backbone_state()) for m in loaded]
+            hyperparams = hyperparameters_from_args(args.method, None, args.set)
+            alpha = args.alpha
+            if args.search_alpha:
+                search = search_alpha(args.method, vectors, adapter, pretrained, heads, tasks, grid=args.grid,
+                                      hyperparams=hyperparams, batch_size=args.batch_size, device=args.device)
+                report["alpha_search"] = search.to_dict()
+                merged, alpha = search.merged, search.alpha
+            else:
+                scale = {} if alpha is None else {"alpha": alpha}  # no --alpha: the method's default
+                merged = merge(args.method, vectors, **scale, **hyperparams)
+            evaluation = evaluate_merged(adapter, pretrained, merged, heads, tasks, **options)
+            evaluation.alpha = alpha
+        report["merged"] = evaluation.to_dict()
+        lines = [per_task_table_markdown([evaluation], finetuned_accuracy=finetuned)]
+    print("\n".join(lines))
+    if args.json:
+        io.write_json(report, args.json)
+    return 0
