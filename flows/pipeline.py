@@ -33,7 +33,17 @@ def build_task_runner(execution: ExecutionParams):
         return DaskTaskRunner(address=dask.address)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": dask.n_workers, "threads_per_worker": dask.threads_per_worker,
-                                          "processes": True, "dashboard_address": None})
+                                          "processes": True, "dashboard_address": None,
+                                          "env": {"PREFECT_API_URL": _current_api_url()}})
+
+
+def _current_api_url() -> str:
+    """The API this flow reports to (a temporary local server when none is configured), so the Dask
+    worker processes report to the same one instead of each starting their own."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
 
 
 @flow(name="distac-stages", log_prints=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,7 +95,8 @@ class StageRun:
         if self._client is None:
             return None
         if self._run_id is None:
-            tags = {"mlflow.runName": self.name, **self.tags}
+            tags = {"mlflow.runName": self.name, "distac.host": f"{socket.gethostname()}:{os.getpid()}",
+                    **self.tags}
             if self.tracking.parent_run_id:
                 tags["mlflow.parentRunId"] = self.tracking.parent_run_id
             run = self._client.create_run(self.tracking.experiment_id, tags=tags, run_name=self.name)
