@@ -53,3 +53,46 @@ def s3_bucket(s3_endpoint):
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     fsspec.filesystem("s3").invalidate_cache()
     yield f"s3://{name}"
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+TINY_PROFILE = os.path.join(os.path.dirname(__file__), os.pardir, "profiles", "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> str:
+    """A tiny random BERT directory (usable as an hf_text ``name_or_path``), built once per session."""
+    from distac.models.text import create_random_encoder
+
+    return create_random_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+def _deep_update(base: dict, overrides: dict) -> dict:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+@pytest.fixture(scope="session")
+def make_tiny_params(tiny_encoder):
+    """``make_tiny_params(directory, **overrides) -> path``: profiles/tiny.yaml with the tiny encoder, its
+    storage root and MLflow store inside ``directory``, and nested ``overrides`` applied."""
+    import yaml
+
+    def make(directory, name: str = "params.yaml", **overrides) -> str:
+        with open(TINY_PROFILE, encoding="utf-8") as handle:
+            params = yaml.safe_load(handle)
+        params["model"]["name_or_path"] = tiny_encoder
+        params["storage"]["root"] = os.path.join(str(directory), "storage")
+        params["mlflow"]["tracking_uri"] = f"sqlite:///{os.path.join(str(directory), 'mlflow.db')}"
+        _deep_update(params, overrides)
+        path = os.path.join(str(directory), name)
+        with open(path, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(params, handle, sort_keys=False)
+        return path
+
+    return make
