@@ -264,16 +264,51 @@ class _BatchSampler:
         return batch
 
 
-@torch.no_grad()
-def _teacher_logits(teacher: TaskModel, examples: Sequence[Any], collate: Collate, batch_size: int,
-                    device: torch.device) -> torch.Tensor:
-    """Teacher logits [N, C] in float32 for the whole unlabeled set, in batches."""
-    chunks = []
-    for start in range(0, len(examples), batch_size):
-        inputs = _to_device(collate(examples[start:start + batch_size]), device)
-        with _autocast(device):
-            chunks.append(teacher(inputs).float())
-    return torch.cat(chunks)
+class _Teacher:
+    """The fine-tuned model's logits for a minibatch: looked up in a cache filled once over the whole
+    unlabeled set, or (``cache_teacher=False``) computed by a frozen copy on every step."""
+
+    def __init__(self, model: TaskModel, examples: Sequence[Any], collate: Collate, config: DistacConfig,
+                 device: torch.device):
+        """``model`` must hold θ_pre + τ and be in eval mode."""
+        self.device = device
+        self.forward_passes, self.cache_hits = 0, 0
+        self.cache: torch.Tensor | None = None
+        self.frozen: TaskModel | None = None
+        if config.cache_teacher:
+            with torch.no_grad():
+                chunks = []
+                for start in range(0, len(examples), config.batch_size):
+                    inputs = _to_device(collate(examples[start:start + config.batch_size]), device)
+                    with _autocast(device):
+                        chunks.append(model(inputs).float())
+                    self.forward_passes += 1
+            self.cache = torch.cat(chunks)
+        else:
+            self.frozen = copy.deepcopy(model).requires_grad_(False)
+
+    def __call__(self, index: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.cache is not None:
+            self.cache_hits += 1
+            return self.cache[index.to(self.device)]
+        self.forward_passes += 1
+        with torch.no_grad(), _autocast(self.device):
+            return self.frozen(inputs).float()
+
+
+@contextlib.contextmanager
+def _backbone_training(model: TaskModel):
+    """Freeze the head and put the model in eval mode (no dropout) for the run; restore both afterwards."""
+    head_flags = [p.requires_grad for p in model.head.parameters()]
+    was_training = model.training
+    model.head.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.head.parameters(), head_flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def _delta_norm(anchor_delta: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
@@ -297,10 +332,10 @@ def condition(model: TaskModel, pretrained: Mapping[str, torch.Tensor], task_vec
     """Run DisTaC on one task and return the conditioned task vector τ'.
 
     ``model`` carries the task's head (frozen here); its backbone weights are overwritten, and on return it
-    holds the conditioned model θ_pre + τ'. ``pretrained`` is θ_pre (at least the keys of ``task_vector``),
-    ``unlabeled`` the task's inputs (labels, if any, are never used) and ``collate`` turns a list of them
-    into model inputs. Each history entry describes one logged optimizer step: the minibatch's losses and
-    student statistics (at the weights the step started from) and ‖τ'‖ after the step.
+    holds the trained student. ``pretrained`` is θ_pre (at least the keys of ``task_vector``), ``unlabeled``
+    the task's inputs (labels, if any, are never used) and ``collate`` turns a list of them into model
+    inputs. Each history entry describes one logged optimizer step: the minibatch's losses and student
+    statistics (at the weights the step started from) and ‖τ'‖ after the step.
     """
     config = config or DistacConfig()
     _check_keys(model, pretrained, task_vector)
@@ -310,84 +345,65 @@ def condition(model: TaskModel, pretrained: Mapping[str, torch.Tensor], task_vec
     kappa = config.resolve_kappa(original_norm)
     anchor_delta = {k: (kappa * v.float()).to(device) for k, v in task_vector.items()}
 
-    head_flags = [p.requires_grad for p in model.head.parameters()]
-    was_training = model.training
-    try:
-        # Teacher: θ_pre + τ in eval mode. Cached: one pass over the data with this very model, then it
-        # becomes the student. Uncached: a frozen copy that runs on every minibatch.
+    with _backbone_training(model):
         _load_delta(model, pretrained, task_vector)
-        model.eval()  # teacher and student alike: no dropout (see the module docstring)
-        teacher: TaskModel | None = None
-        if config.cache_teacher:
-            cached = _teacher_logits(model, examples, collate, config.batch_size, device)
-            teacher_passes = math.ceil(len(examples) / config.batch_size)
-        else:
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            cached, teacher_passes = None, 0
+        teacher = _Teacher(model, examples, collate, config, device)
         _load_delta(model, pretrained, anchor_delta)
-
-        for p in model.head.parameters():
-            p.requires_grad_(False)
         named = dict(model.backbone.named_parameters())
         params = {k: named[k] for k in task_vector if k in named and named[k].requires_grad}
         if not params:
             raise MismatchError("none of the task vector's tensors is a trainable backbone parameter")
         anchor = {k: p.detach().clone() for k, p in params.items()}
-        optimizer = torch.optim.Adam(params.values(), lr=config.lr, weight_decay=config.weight_decay)
-        sampler = _BatchSampler(len(examples), config.batch_size, config.seed)
-        history: list[dict[str, float]] = []
-        cache_hits = 0
-        for step in tqdm(range(1, config.steps + 1), desc="DisTaC", unit="step", disable=not progress):
-            index = sampler.next()
-            inputs = _to_device(collate([examples[i] for i in index.tolist()]), device)
-            if teacher is None:
-                target = cached[index.to(device)]
-                cache_hits += 1
-            else:
-                with torch.no_grad(), _autocast(device):
-                    target = teacher(inputs).float()
-                teacher_passes += 1
-            with _autocast(device):
-                student = model(inputs)
-            kd = distillation_loss(student, target, config.teacher_temperature, config.student_temperature)
-            reg = sum(((p.float() - anchor[k].float()) ** 2).sum() for k, p in params.items())
-            loss = kd + config.beta * reg
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params.values(), config.grad_clip)
-            optimizer.step()
-            if step % config.log_every == 0 or step == config.steps:
-                max_prob, entropy = prediction_stats(student.detach())
-                agreement = float((student.detach().argmax(-1) == target.argmax(-1)).float().mean())
-                metrics = {"step": step, "loss": float(loss.detach()), "kd_loss": float(kd.detach()),
-                           "reg_loss": float(reg.detach()), "norm": _delta_norm(anchor_delta, params, anchor),
-                           "student_entropy": entropy, "student_max_prob": max_prob,
-                           "teacher_agreement": agreement}
-                history.append(metrics)
-                if on_log is not None:
-                    on_log(step, dict(metrics))
+        history = _distill(model, params, anchor, anchor_delta, teacher, examples, collate, config,
+                           progress, on_log)
 
-        with torch.no_grad():  # τ' = κτ + (θ − θ_0): exactly κτ where nothing moved
-            backbone = model.backbone.state_dict()
-            conditioned = {}
-            for key, value in task_vector.items():
-                delta = anchor_delta[key]
-                if key in params:
-                    delta = delta + (backbone[key].float() - anchor[key].float())
-                conditioned[key] = delta.to(device="cpu", dtype=value.dtype)
-        teacher_stats = prediction_stats(cached) if cached is not None else (None, None)
-    finally:
-        for p, flag in zip(model.head.parameters(), head_flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
-
+    with torch.no_grad():  # τ' = κτ + (θ − θ_0): exactly κτ where nothing moved
+        conditioned = {}
+        for key, value in task_vector.items():
+            delta = anchor_delta[key] + (params[key].float() - anchor[key].float() if key in params else 0.0)
+            conditioned[key] = delta.to(device="cpu", dtype=value.dtype)
     vector = TaskVector(conditioned)
+    teacher_stats = prediction_stats(teacher.cache) if teacher.cache is not None else (None, None)
     result = ConditioningResult(
         vector=vector, history=history, kappa=kappa, original_norm=original_norm,
-        anchor_norm=kappa * original_norm, final_norm=vector.norm(), teacher_forward_passes=teacher_passes,
-        teacher_cache_hits=cache_hits, teacher_mean_max_prob=teacher_stats[0],
+        anchor_norm=kappa * original_norm, final_norm=vector.norm(), teacher_forward_passes=teacher.forward_passes,
+        teacher_cache_hits=teacher.cache_hits, teacher_mean_max_prob=teacher_stats[0],
         teacher_mean_entropy=teacher_stats[1], config=config)
     log.info("DisTaC: κ=%.4g, ‖τ‖ %.4g → anchor %.4g → ‖τ'‖ %.4g after %d steps", kappa, original_norm,
              result.anchor_norm, result.final_norm, config.steps)
     return result
+
+
+def _distill(model: TaskModel, params: Mapping[str, torch.nn.Parameter], anchor: Mapping[str, torch.Tensor],
+             anchor_delta: Mapping[str, torch.Tensor], teacher: _Teacher, examples: Sequence[Any],
+             collate: Collate, config: DistacConfig, progress: bool,
+             on_log: LogCallback | None) -> list[dict[str, float]]:
+    """The optimization loop: Adam on KD + β‖θ − θ_0‖² over ``params``; returns the logged history."""
+    device = teacher.device
+    optimizer = torch.optim.Adam(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    sampler = _BatchSampler(len(examples), config.batch_size, config.seed)
+    history: list[dict[str, float]] = []
+    for step in tqdm(range(1, config.steps + 1), desc="DisTaC", unit="step", disable=not progress):
+        index = sampler.next()
+        inputs = _to_device(collate([examples[i] for i in index.tolist()]), device)
+        target = teacher(index, inputs)
+        with _autocast(device):
+            student = model(inputs)
+        kd = distillation_loss(student, target, config.teacher_temperature, config.student_temperature)
+        reg = sum(((p.float() - anchor[k].float()) ** 2).sum() for k, p in params.items())
+        loss = kd + config.beta * reg
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params.values(), config.grad_clip)
+        optimizer.step()
+        if step % config.log_every == 0 or step == config.steps:
+            max_prob, entropy = prediction_stats(student.detach())
+            metrics = {"step": step, "loss": float(loss.detach()), "kd_loss": float(kd.detach()),
+                       "reg_loss": float(reg.detach()), "norm": _delta_norm(anchor_delta, params, anchor),
+                       "student_entropy": entropy, "student_max_prob": max_prob,
+                       "teacher_agreement": float((student.argmax(-1) == target.argmax(-1)).float().mean())}
+            history.append(metrics)
+            if on_log is not None:
+                on_log(step, dict(metrics))
+    return history
