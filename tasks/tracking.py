@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from distac import io
 from distac.config import MlflowParams
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("distac.tracking")  # under "distac", so Prefect forwards it
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's maximum parameter value length
 

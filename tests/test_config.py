@@ -1,0 +1,147 @@
+"""params.yaml validation: every error names the offending field path; fingerprints are stable and each
+stage's fingerprint changes exactly when its inputs or parameters change."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from distac import stages
+from distac.config import ConfigError, fingerprint, load_params, parse_params
+
+MINIMAL = {"tasks": [{"name": "cola"}, {"name": "mrpc"}], "merge": {"methods": [{"name": "task_arithmetic"}]}}
+
+
+def with_changes(**sections) -> dict:
+    data = copy.deepcopy(MINIMAL)
+    data.update(sections)
+    return data
+
+
+def error_of(data) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_params(data)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "profiles/tiny.yaml"])
+def test_shipped_params_files_are_valid(path):
+    params = load_params(path)
+    assert len(params.task_names) >= 2 and params.method_names
+
+
+def test_defaults_and_recipe_overrides():
+    params = parse_params(with_changes(
+        finetune={"lr": 1e-4, "steps": 10},
+        tasks=[{"name": "cola"}, {"name": "mrpc", "finetune": {"lr": 1e-3, "label_smoothing": 0.2}}]))
+    assert params.recipe("cola").lr == 1e-4 and params.recipe("cola").label_smoothing == 0.0
+    assert params.recipe("mrpc").lr == 1e-3 and params.recipe("mrpc").steps == 10
+    assert params.recipe("mrpc").label_smoothing == 0.2
+    assert params.storage.root == "runs" and params.mlflow.tracking_uri == "sqlite:///mlflow.db"
+    assert params.conditioning.tasks == "auto" and params.conditioning.kappa.policy == "min"
+    assert params.execution.task_runner == "threads"
+    assert params.model.adapter_spec() == {"kind": "hf_text", "name_or_path": "minilm", "pooling": "mean",
+                                           "max_length": 128}
+
+
+@pytest.mark.parametrize("data, expected", [
+    (with_changes(model={"kind": "hf_text", "pooling": "max"}), "model.pooling"),
+    (with_changes(data={"max_train": 0}), "data.max_train"),
+    (with_changes(finetune={"learning_rate": 1e-3}), "finetune.learning_rate: Extra inputs are not permitted"),
+    (with_changes(tasks=[{"name": "cola"}, {"name": "mrpc", "finetune": {"lr": -1}}]), "tasks.1.finetune.lr"),
+    (with_changes(tasks=[{"name": "cola"}, {"name": "qqp"}]), "tasks.1.name"),
+    (with_changes(tasks=[{"name": "cola"}]), "tasks: List should have at least 2 items"),
+    (with_changes(tasks=[{"name": "cola"}, {"name": "cola"}]), "task listed twice: cola"),
+    (with_changes(conditioning={"kappa": {"policy": "explicit"}}), "conditioning.kappa: Value error, policy "
+                                                                   "'explicit' needs a value"),
+    (with_changes(conditioning={"kappa": {"policy": "min", "value": 2}}), "conditioning.kappa"),
+    (with_changes(conditioning={"tasks": ["rte"]}), "conditioning.tasks: rte not among tasks"),
+    (with_changes(conditioning={"student_temperature": 0}), "conditioning.student_temperature"),
+    (with_changes(merge={"methods": [{"name": "fisher"}]}), "merge.methods.0.name: Value error, unknown merge "
+                                                            "method 'fisher'"),
+    (with_changes(merge={"methods": [{"name": "ties", "hyperparams": {"topk": 0.2}}]}),
+     "merge.methods.0: Value error, ties has no hyperparameter topk"),
+    (with_changes(merge={"methods": [{"name": "emr", "alpha": 0.5}]}), "merge.methods.0: Value error, emr has no α"),
+    (with_changes(merge={"methods": [{"name": "ties", "alpha": "best"}]}), "merge.methods.0.alpha.constrained-float"),
+    (with_changes(merge={"methods": [{"name": "ties"}, {"name": "ties"}]}), "merge.methods: Value error, merge "
+                                                                            "method listed twice: ties"),
+    (with_changes(merge={"methods": [{"name": "ties"}], "alpha_grid": [0.5, -1]}), "merge.alpha_grid.1"),
+    (with_changes(storage={"root": "  "}), "storage.root"),
+    (with_changes(execution={"task_runner": "ray"}), "execution.task_runner"),
+    (with_changes(execution={"dask": {"n_workers": 0}}), "execution.dask.n_workers"),
+    (with_changes(diagnosis={"min_scaled_confidence": 0.9, "target_confidence": 0.8}), "diagnosis: Value error"),
+])
+def test_errors_name_the_field_path(data, expected):
+    assert expected in error_of(data)
+
+
+def test_missing_sections_and_bad_files(tmp_path):
+    assert "merge: Field required" in error_of({"tasks": MINIMAL["tasks"]})
+    assert "expected a mapping" in error_of([1, 2])
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(yaml.safe_dump(with_changes(data={"seed": "x"})))
+    with pytest.raises(ConfigError, match=r"wrong.yaml is invalid:\n  data.seed"):
+        load_params(wrong)
+
+
+def test_fingerprint_is_stable_and_order_free():
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+    params = parse_params(MINIMAL)
+    assert fingerprint(params.finetune) == fingerprint(params.finetune.model_dump())
+    assert len(fingerprint(params)) == 16
+
+
+@given(st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=6))
+def test_fingerprint_ignores_key_order(mapping):
+    assert fingerprint(mapping) == fingerprint(dict(reversed(list(mapping.items()))))
+
+
+def _all_fingerprints(params) -> dict[str, str]:
+    out = {"pretrained": stages.stage_fingerprint(params, "pretrained"),
+           "diagnose": stages.stage_fingerprint(params, "diagnose"),
+           "report": stages.stage_fingerprint(params, "report")}
+    for task in params.task_names:
+        for stage in ("finetune", "extract", "condition"):
+            out[f"{stage}/{task}"] = stages.stage_fingerprint(params, stage, task=task)
+    for method in params.method_names:
+        for conditioned in (False, True):
+            for stage in ("merge", "evaluate"):
+                key = f"{stage}/{method}/{stages.variant_name(conditioned)}"
+                out[key] = stages.stage_fingerprint(params, stage, method=method, conditioned=conditioned)
+    return out
+
+
+def _changed(before: dict, **sections) -> set[str]:
+    after = copy.deepcopy(before)
+    for name, value in sections.items():
+        after[name] = value
+    old, new = _all_fingerprints(parse_params(before)), _all_fingerprints(parse_params(after))
+    return {key for key in old if old[key] != new[key]}
+
+
+def test_stage_fingerprints_change_exactly_downstream():
+    base = with_changes(merge={"methods": [{"name": "task_arithmetic", "alpha": "search"}, {"name": "emr"}]})
+    assert _changed(base) == set()
+    distac_side = {"condition/cola", "condition/mrpc", "merge/task_arithmetic/distac", "merge/emr/distac",
+                   "evaluate/task_arithmetic/distac", "evaluate/emr/distac", "report"}
+    assert _changed(base, conditioning={"steps": 7}) == distac_side
+    one_task = _changed(base, tasks=[{"name": "cola"}, {"name": "mrpc", "finetune": {"lr": 1e-3}}])
+    assert one_task == {"finetune/mrpc", "extract/mrpc", "diagnose", "condition/cola", "condition/mrpc",
+                        *(f"{s}/{m}/{v}" for s in ("merge", "evaluate") for m in ("task_arithmetic", "emr")
+                          for v in ("as-is", "distac")), "report"}
+    grid = _changed(base, merge={"methods": base["merge"]["methods"], "alpha_grid": [0.5]})
+    assert grid == {"merge/task_arithmetic/as-is", "merge/task_arithmetic/distac", "evaluate/task_arithmetic/as-is",
+                    "evaluate/task_arithmetic/distac", "report"}
+    # Where outputs live and how the run executes do not change what they are.
+    assert _changed(base, storage={"root": "s3://bucket/x"}, execution={"task_runner": "dask"}) == set()
