@@ -235,7 +235,8 @@ def _load_delta(model: TaskModel, pretrained: Mapping[str, torch.Tensor], delta:
                           + value.to(target.device, torch.float32)).to(target.dtype))
 
 
-def _select_unlabeled(unlabeled: Sequence[Any], config: DistacConfig) -> list[Any]:
+def _select_unlabeled(unlabeled: Sequence[Any], config: DistacConfig) -> Sequence[Any]:
+    """All inputs (not copied, so a lazy dataset view stays lazy) or a seeded subset of num_unlabeled."""
     if len(unlabeled) == 0:
         raise ConfigError("DisTaC needs unlabeled inputs of the task; got none")
     count = len(unlabeled) if config.num_unlabeled is None else config.num_unlabeled
@@ -243,7 +244,7 @@ def _select_unlabeled(unlabeled: Sequence[Any], config: DistacConfig) -> list[An
         log.warning("num_unlabeled=%d but only %d inputs are available; using all", count, len(unlabeled))
         count = len(unlabeled)
     if count == len(unlabeled):
-        return list(unlabeled)
+        return unlabeled
     order = torch.randperm(len(unlabeled), generator=torch.Generator().manual_seed(config.seed))
     return [unlabeled[i] for i in order[:count].tolist()]
 

@@ -136,7 +136,7 @@ class MergedEvaluation:
     """A merged model evaluated on every task it serves."""
 
     method: str
-    alpha: float | None
+    alpha: float | None  # the α the model was served at (None: the method has none)
     split: str
     tasks: list[TaskEvaluation]
 
@@ -200,7 +200,9 @@ def evaluate_merged(adapter: Builder, pretrained_state: Mapping[str, torch.Tenso
                                   finetuned_accuracy=_finetuned_for(finetuned_accuracy, task.name),
                                   progress=progress))
         del model
-    return MergedEvaluation(method=merged.method, alpha=alpha, split=split, tasks=rows)
+    alpha_inside = merged.info.get("alpha")  # set by scale_merged: the vector already carries that α
+    return MergedEvaluation(method=merged.method, alpha=alpha * alpha_inside if alpha_inside else alpha,
+                            split=split, tasks=rows)
 
 
 # --------------------------------------------------------------------------------------------- α search

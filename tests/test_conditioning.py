@@ -14,7 +14,9 @@ from distac.conditioning import DistacConfig, condition, distillation_loss, kapp
 from distac.errors import ConfigError, MismatchError
 from distac.evaluation import predict_logits
 from distac.vectors import TaskVector
-from tiny_mlp import MLPAdapter, MLPTaskModel, collate, finetune, make_task
+from tiny_mlp import MLPAdapter, MLPTaskModel, collate, finetune, make_task, one_torch_thread
+
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

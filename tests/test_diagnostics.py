@@ -12,7 +12,9 @@ from distac.diagnostics import (CONFIDENCE_THRESHOLD, SourceModel, diagnose, dia
                                 sharpening_temperature)
 from distac.errors import ConfigError
 from distac.vectors import TaskVector
-from tiny_mlp import MLPAdapter, Point, collate, finetune, make_task
+from tiny_mlp import MLPAdapter, Point, collate, finetune, make_task, one_torch_thread
+
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def _vectors(count: int = 3, seed: int = 0) -> dict[str, TaskVector]:

@@ -11,7 +11,9 @@ from distac.evaluation import (MergedEvaluation, TaskEvaluation, accuracy, evalu
                                predict_logits, results_table_markdown, scale_merged, search_alpha)
 from distac.merging import METHODS, merge
 from distac.vectors import TaskVector
-from tiny_mlp import MLPAdapter, collate, finetune, make_task
+from tiny_mlp import MLPAdapter, collate, finetune, make_task, one_torch_thread
+
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 GRID = (0.2, 0.5, 1.0)
 
@@ -201,6 +203,23 @@ def test_cli_extract_diagnose_condition_evaluate(text_models, capsys):
     for row in rows:
         assert row["normalized_accuracy"] == pytest.approx(row["accuracy"] / report["finetuned"][row["task"]])
     assert "| Individual |" in capsys.readouterr().out
+
+
+def test_cli_evaluates_a_stored_merge(text_models):
+    from distac.io import read_json
+    from distac.models.store import backbone_uri
+
+    root, glue, pre, (rte, mrpc) = text_models
+    assert _cli("merge", "--method", "task_arithmetic", "--alpha", 0.3, "--pretrained", backbone_uri(pre),
+                "--finetuned", backbone_uri(rte), backbone_uri(mrpc), "--out", root / "merged",
+                "--device", "cpu", "--no-progress") == 0
+    assert _cli("evaluate", "--finetuned", rte, mrpc, "--pretrained", pre, "--merged", root / "merged",
+                "--glue-dir", glue, "--max-eval", 16, "--device", "cpu", "--json", root / "merged.json") == 0
+    report = read_json(root / "merged.json")
+    assert report["merged"]["alpha"] == pytest.approx(0.3)
+    assert [row["task"] for row in report["merged"]["tasks"]] == ["rte", "mrpc"]
+    assert report["merged"]["mean_normalized_accuracy"] == pytest.approx(
+        sum(r["accuracy"] / report["finetuned"][r["task"]] for r in report["merged"]["tasks"]) / 2)
 
 
 def test_cli_errors_exit_2(text_models, capsys):

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from distac.cli.merge import hyperparameters_from_args
     from distac.data import load_task
     from distac.merging import merge
-    from distac.merging.streaming import load_merged
+    from distac.merging.streaming import load_merged, read_record
     from distac.models.store import load_task_model
 
     _check_args(args)
@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         if args.merged:
             merged = load_merged(args.merged)
             evaluation = evaluate_merged(adapter, pretrained, merged, heads, tasks, **options)
+            evaluation.alpha = read_record(args.merged)["hyperparameters"].get("alpha")  # inside the vector
         else:
             vectors = [TaskVector.from_state_dicts(pretrained, m.model.backbone_state()) for m in loaded]
             hyperparams = hyperparameters_from_args(args.method, None, args.set)
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
                 scale = {} if alpha is None else {"alpha": alpha}  # no --alpha: the method's default
                 merged = merge(args.method, vectors, **scale, **hyperparams)
             evaluation = evaluate_merged(adapter, pretrained, merged, heads, tasks, **options)
-            evaluation.alpha = alpha
+            if not args.search_alpha:
+                evaluation.alpha = alpha
         report["merged"] = evaluation.to_dict()
         lines = [per_task_table_markdown([evaluation], finetuned_accuracy=finetuned)]
     print("\n".join(lines))
