@@ -13,11 +13,26 @@ import os
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from distac.errors import ConfigError
 
 GLUE_TASKS = ("cola", "mrpc", "rte", "sst2")
+OTHER_TASK_PREFIXES = ("vision:", "imagefolder:")
+
+
+def _task_name(name: str) -> str:
+    """A GLUE task (canonical spelling: 'SST-2' → 'sst2'), 'vision:<torchvision class>' or 'imagefolder:<path>'."""
+    glue = name.lower().replace("-", "").replace("_", "")
+    if glue in GLUE_TASKS:
+        return glue
+    if name.startswith(OTHER_TASK_PREFIXES) and len(name.split(":", 1)[1]) > 0:
+        return name
+    raise ValueError(f"unknown task {name!r}: expected one of {', '.join(GLUE_TASKS)}, "
+                     f"'vision:<torchvision dataset>' or 'imagefolder:<path>'")
+
+
+TaskName = Annotated[str, AfterValidator(_task_name)]
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -32,25 +47,29 @@ class Section(BaseModel):
 
 
 class ModelParams(Section):
-    """What ``distac.models.build_adapter`` builds: the family, the checkpoint and its input settings."""
+    """What ``distac.models.build_adapter`` builds. ``name_or_path`` is the Hugging Face model id or directory
+    (``hf_text``; 'minilm' is the bundled all-MiniLM-L6-v2) or the open_clip architecture (``open_clip``,
+    e.g. 'ViT-B-32'); ``options`` holds the adapter's other arguments (open_clip: ``pretrained`` weights
+    file, ``model_config``, ``templates``; hf_text: ``architecture``)."""
 
     kind: Literal["hf_text", "open_clip"] = "hf_text"
     name_or_path: str = "minilm"
     pooling: Literal["mean", "cls", "last"] = "mean"
     max_length: PositiveInt = 128
-    options: dict[str, Any] = Field(default_factory=dict, description="extra adapter arguments")
+    options: dict[str, Any] = Field(default_factory=dict)
 
     def adapter_spec(self) -> dict[str, Any]:
-        spec = {"kind": self.kind, "name_or_path": self.name_or_path, **self.options}
-        if self.kind == "hf_text":
-            spec.update(pooling=self.pooling, max_length=self.max_length)
-        return spec
+        if self.kind == "open_clip":
+            return {"kind": self.kind, "model_name": self.name_or_path, **self.options}
+        return {"kind": self.kind, "name_or_path": self.name_or_path, "pooling": self.pooling,
+                "max_length": self.max_length, **self.options}
 
 
 class DataParams(Section):
-    """Where the GLUE tsv files live and how much of each split to use."""
+    """Where the data lives and how much of each split to use."""
 
     glue_dir: str | None = Field(None, description="default: ../shared/data/glue beside the checkout")
+    vision_root: str | None = Field(None, description="torchvision data root, for 'vision:' tasks")
     max_train: PositiveInt | None = None
     max_eval: PositiveInt | None = None
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
@@ -90,7 +109,7 @@ RecipeOverride = create_model("RecipeOverride", __base__=Section, **_optional_fi
 class TaskParams(Section):
     """One task to fine-tune and merge; ``finetune`` overrides the default recipe for it alone."""
 
-    name: Literal[GLUE_TASKS]  # type: ignore[valid-type]
+    name: TaskName
     finetune: RecipeOverride = Field(default_factory=RecipeOverride)  # type: ignore[valid-type]
 
 
@@ -115,7 +134,7 @@ class ConditioningParams(Section):
     auto`` takes each task's recommended sharpening temperature (1, i.e. norm only, unless it is flagged
     for low confidence)."""
 
-    tasks: Literal["auto"] | list[Literal[GLUE_TASKS]] = "auto"  # type: ignore[valid-type]
+    tasks: Literal["auto"] | list[TaskName] = "auto"
     kappa: KappaParams = Field(default_factory=KappaParams)
     teacher_temperature: PositiveFloat = 1.0
     student_temperature: PositiveFloat | Literal["auto"] = "auto"

@@ -201,7 +201,8 @@ def _task_data(params: PipelineParams, task: str):
     from distac.data import load_task
 
     data = params.data
-    return load_task(task, root=data.glue_dir, max_train=data.max_train, max_eval=data.max_eval,
+    root = data.vision_root if task.startswith("vision:") else data.glue_dir
+    return load_task(task, root=root, max_train=data.max_train, max_eval=data.max_eval,
                      validation_fraction=data.validation_fraction, seed=data.seed)
 
 
@@ -274,7 +275,7 @@ def finetune(params: PipelineParams, task: str, *, on_step: MetricsCallback | No
         metrics = {"validation_accuracy": val_acc, "test_accuracy": test_acc,
                    "validation_mean_max_prob": confidence_stats(val_logits).mean_max_prob,
                    "train_examples": len(data.train), "final_loss": result.history[-1]["loss"]}
-        save_task_model(io.join_uri(uri, "model"), model.cpu(), adapter, data.name, data.num_classes,
+        save_task_model(io.join_uri(uri, "model"), model.cpu(), adapter, task, data.num_classes,
                         list(data.class_names), extra={"recipe": recipe.model_dump(), **metrics})
         io.save_state_dict({"logits": val_logits, "labels": labels_of(data.validation)},
                            io.join_uri(uri, LOGITS_FILE))
@@ -459,13 +460,13 @@ def evaluate(params: PipelineParams, method: str, conditioned: bool = False, *,
         finetuned = _finetuned_accuracy(params, "test")
         heads, tasks = _heads_and_tasks(params)
         rows = []
-        for head, data in zip(heads, tasks):
+        for name, head, data in zip(params.task_names, heads, tasks):
             model = adapter.build(data.num_classes, data.class_names)
             model.load_head(head)
-            vector = TaskVector.load(io.join_uri(merged_uri, info["served"][data.name]))
+            vector = TaskVector.load(io.join_uri(merged_uri, info["served"][name]))
             model.load_backbone(vector.apply_to(pretrained_state))
-            rows.append(evaluate_task(model.to(device), data.test, adapter.collate, task=data.name,
-                                      batch_size=EVAL_BATCH_SIZE, finetuned_accuracy=finetuned[data.name]))
+            rows.append(evaluate_task(model.to(device), data.test, adapter.collate, task=name,
+                                      batch_size=EVAL_BATCH_SIZE, finetuned_accuracy=finetuned[name]))
         result = {"method": method, "conditioned": conditioned, "alpha": info["alpha"],
                   "mean_accuracy": sum(r.accuracy for r in rows) / len(rows),
                   "mean_normalized_accuracy": sum(r.normalized_accuracy for r in rows) / len(rows),

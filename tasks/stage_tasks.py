@@ -9,7 +9,6 @@ Retries: transient storage errors (OSError, botocore) are retried after a delay;
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +18,6 @@ from distac import stages
 from distac.config import PipelineParams
 from distac.errors import DistacError
 from tasks.tracking import StageRun, Tracking
-
-log = logging.getLogger("distac.tasks")
 
 RETRIES = 2
 RETRY_DELAY_SECONDS = 5

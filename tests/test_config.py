@@ -53,7 +53,7 @@ def test_defaults_and_recipe_overrides():
     (with_changes(data={"max_train": 0}), "data.max_train"),
     (with_changes(finetune={"learning_rate": 1e-3}), "finetune.learning_rate: Extra inputs are not permitted"),
     (with_changes(tasks=[{"name": "cola"}, {"name": "mrpc", "finetune": {"lr": -1}}]), "tasks.1.finetune.lr"),
-    (with_changes(tasks=[{"name": "cola"}, {"name": "qqp"}]), "tasks.1.name"),
+    (with_changes(tasks=[{"name": "cola"}, {"name": "qqp"}]), "tasks.1.name: Value error, unknown task 'qqp'"),
     (with_changes(tasks=[{"name": "cola"}]), "tasks: List should have at least 2 items"),
     (with_changes(tasks=[{"name": "cola"}, {"name": "cola"}]), "task listed twice: cola"),
     (with_changes(conditioning={"kappa": {"policy": "explicit"}}), "conditioning.kappa: Value error, policy "
@@ -77,6 +77,15 @@ def test_defaults_and_recipe_overrides():
 ])
 def test_errors_name_the_field_path(data, expected):
     assert expected in error_of(data)
+
+
+def test_task_names_are_canonical_and_vision_tasks_allowed():
+    params = parse_params(with_changes(tasks=[{"name": "SST-2"}, {"name": "vision:MNIST"}],
+                                       model={"kind": "open_clip", "name_or_path": "ViT-B-32",
+                                              "options": {"pretrained": "/weights/vit-b-32.bin"}}))
+    assert params.task_names == ["sst2", "vision:MNIST"]
+    assert params.model.adapter_spec() == {"kind": "open_clip", "model_name": "ViT-B-32",
+                                           "pretrained": "/weights/vit-b-32.bin"}
 
 
 def test_missing_sections_and_bad_files(tmp_path):
