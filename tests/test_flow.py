@@ -165,3 +165,18 @@ def test_scheduled_deployment_carries_the_cron_and_params():
     assert deployment.parameters == {"params_path": "params.yaml"}
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     assert deployment.entrypoint == "flows/pipeline.py:distac_pipeline"
+
+
+def test_only_transient_storage_errors_are_retried():
+    from botocore.exceptions import EndpointConnectionError
+    from prefect.states import Failed
+
+    from distac.errors import CheckpointError
+    from tasks.stage_tasks import is_transient, retry_on_transient
+
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert not is_transient(ConfigError("merge.methods.0: bad")) and not is_transient(CheckpointError("gone"))
+    assert not is_transient(FileNotFoundError("missing input")) and not is_transient(ValueError())
+    assert retry_on_transient(None, None, Failed(data=OSError("connection dropped")))
+    assert not retry_on_transient(None, None, Failed(data=ConfigError("bad hyperparameter")))
