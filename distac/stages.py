@@ -71,6 +71,12 @@ def variant_name(conditioned: bool) -> str:
     return VARIANTS[int(conditioned)]
 
 
+def stage_key(stage: str, task: str | None = None, method: str | None = None, conditioned: bool = False) -> str:
+    """A readable stage id: 'report', 'finetune/cola', 'merge/ties/distac'."""
+    parts = [stage, *([task] if task else []), *([method, variant_name(conditioned)] if method else [])]
+    return "/".join(parts)
+
+
 def stage_dir(params: PipelineParams, stage: str, task: str | None = None, method: str | None = None,
               conditioned: bool = False) -> str:
     root = params.storage.root
@@ -153,8 +159,7 @@ def _run(params: PipelineParams, stage: str, work: Callable[[str], dict[str, Any
          **where: Any) -> StageResult:
     """Skip the stage if its manifest matches; otherwise clear the manifest, do the work, write it."""
     uri = stage_dir(params, stage, **where)
-    key = "/".join([stage, *([where["task"]] if "task" in where else []),
-                    *([where["method"], variant_name(where["conditioned"])] if "method" in where else [])])
+    key = stage_key(stage, **where)
     expected = stage_fingerprint(params, stage, **where)
     manifest = read_manifest(uri)
     if not force and manifest is not None and manifest.get("fingerprint") == expected:
