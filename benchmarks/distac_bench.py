@@ -140,8 +140,8 @@ def main() -> None:
     }
     settings = {"model": "tiny random BERT" if args.tiny else "MiniLM-L6 (bundled)", "steps": args.steps,
                 "batch_size": args.batch_size, "num_unlabeled": args.num_unlabeled, "max_length": args.max_length,
-                "threads": args.threads, "repeats": args.repeats, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                "load_average": os.getloadavg()}
+                "threads": args.threads, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+                "machine": platform.machine(), "load_average": os.getloadavg()}
     print(f"DisTaC, {settings['model']}: {args.steps} steps, batch {args.batch_size}, "
           f"{args.num_unlabeled} unlabeled inputs, {cached['device']}")
     print(table(runs))

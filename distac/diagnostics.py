@@ -187,6 +187,7 @@ def diagnose(task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
         "norm_ratio": norm_ratio_threshold, "scaled_confidence": confidence_threshold,
         "target_confidence": target_confidence})
     diagnosis.recommendations = recommend(diagnosis)
+    log.info("diagnosed %d tasks; flags: %s", len(tasks), diagnosis.flags or "none")
     return diagnosis
 
 

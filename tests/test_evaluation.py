@@ -222,6 +222,19 @@ def test_cli_evaluates_a_stored_merge(text_models):
         sum(r["accuracy"] / report["finetuned"][r["task"]] for r in report["merged"]["tasks"]) / 2)
 
 
+def test_cli_diagnose_raw_checkpoints_gives_norms_only(text_models):
+    from distac.io import read_json
+    from distac.models.store import backbone_uri
+
+    root, glue, pre, (rte, mrpc) = text_models
+    assert _cli("diagnose", "--pretrained", backbone_uri(pre), "--finetuned", backbone_uri(rte), backbone_uri(mrpc),
+                "--names", "rte", "mrpc", "--json", root / "raw.json") == 0
+    tasks = read_json(root / "raw.json")["tasks"]
+    expected = TaskVector.from_checkpoints(backbone_uri(pre), backbone_uri(mrpc)).norm()
+    assert tasks[1]["norm"] == pytest.approx(expected)
+    assert tasks[0]["mean_max_prob"] is None and tasks[0]["ece"] is None
+
+
 def test_cli_errors_exit_2(text_models, capsys):
     root, glue, pre, (rte, mrpc) = text_models
     assert _cli("evaluate", "--finetuned", rte, "--method", "task_arithmetic") == 2
