@@ -53,11 +53,13 @@ def run_stages(params: dict[str, Any], tracking: Tracking | None = None) -> dict
     methods = params_of_dict(params).method_names
     done: list[Any] = []
 
+    _import_model_library(params_of_dict(params).model.kind)
     pretrained = tasks.pretrained.submit(params, tracking)
     finetuned = tasks.finetune.map(unmapped(params), names, unmapped(tracking), wait_for=[pretrained])
     vectors = [tasks.extract_vector.submit(params, name, tracking, wait_for=[ft])
                for name, ft in zip(names, finetuned)]
     diagnosis = tasks.diagnose.submit(params, tracking, wait_for=vectors)
+    _raise_first_failure([pretrained, *finetuned, *vectors, diagnosis])
     selected = diagnosis.result()["summary"]["conditioned_tasks"]
     get_run_logger().info("DisTaC will condition: %s", ", ".join(selected) or "no task")
     conditioned = tasks.condition.map(unmapped(params), selected, unmapped(tracking))
@@ -70,10 +72,30 @@ def run_stages(params: dict[str, Any], tracking: Tracking | None = None) -> dict
             done.append(merged)
     report = tasks.report.submit(params, tracking, wait_for=evaluations)
 
-    outcomes = [f.result() for f in [pretrained, *finetuned, *vectors, diagnosis, *conditioned, *done,
-                                     *evaluations, report]]
+    futures = [pretrained, *finetuned, *vectors, diagnosis, *conditioned, *done, *evaluations, report]
+    _raise_first_failure(futures)
+    outcomes = [f.result() for f in futures]
     return {"report": outcomes[-1]["summary"], "stages": [
         {k: o[k] for k in ("key", "skipped", "seconds")} for o in outcomes]}
+
+
+def _import_model_library(kind: str) -> None:
+    """Import the model library before tasks start in threads: transformers resolves its names lazily,
+    and two threads doing that first import at once can fail with an ImportError."""
+    if kind == "hf_text":
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+    else:
+        import open_clip  # noqa: F401
+
+
+def _raise_first_failure(futures: list[Any]) -> None:
+    """Wait for all; re-raise the exception of the first task that failed itself (tasks that never ran
+    because an upstream failed are only 'not ready' and would hide the cause)."""
+    for future in futures:
+        future.wait()
+    for future in futures:
+        if future.state.is_failed():
+            future.result()
 
 
 def params_of_dict(params: dict[str, Any]) -> PipelineParams:
