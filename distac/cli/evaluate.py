@@ -68,12 +68,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"the fine-tuned models come from different model families: {sorted(specs)}")
     tasks = [load_task(m.meta["task"], root=args.data_root, max_eval=args.max_eval, seed=args.seed) for m in loaded]
     adapter = loaded[0].adapter
-    finetuned = {}
-    for model, task in zip(loaded, tasks):
-        finetuned[task.name] = evaluate_task(model.model, getattr(task, args.split), adapter.collate,
-                                             task=task.name, batch_size=args.batch_size).accuracy
-    report: dict[str, Any] = {"split": args.split, "finetuned": finetuned}
-    lines = ["| Task | fine-tuned accuracy |", "|---|---|"] + [f"| {t} | {100 * a:.1f} |" for t, a in finetuned.items()]
+    rows = [{"model": uri, "task": task.name,
+             "accuracy": evaluate_task(model.model, getattr(task, args.split), adapter.collate, task=task.name,
+                                       batch_size=args.batch_size).accuracy}
+            for uri, model, task in zip(args.finetuned, loaded, tasks)]
+    finetuned = {row["task"]: row["accuracy"] for row in rows}  # merges need one source model per task
+    report: dict[str, Any] = {"split": args.split, "finetuned": finetuned, "models": rows}
+    lines = ["| Model | Task | accuracy |", "|---|---|---|"] + [
+        f"| {row['model']} | {row['task']} | {100 * row['accuracy']:.1f} |" for row in rows]
 
     evaluation: MergedEvaluation | None = None
     heads = [m.model.head_state() for m in loaded]
