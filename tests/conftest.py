@@ -96,3 +96,11 @@ def make_tiny_params(tiny_encoder):
         return path
 
     return make
+
+
+def pytest_unconfigure(config):
+    """Prefect stops its temporary API server at interpreter exit and logs that to a console pytest has
+    already closed; mute that one farewell instead of printing a logging traceback after the summary."""
+    import logging
+
+    logging.getLogger("prefect").disabled = True
