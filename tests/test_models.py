@@ -21,18 +21,13 @@ from distac.models.store import (backbone_uri, load_head, load_meta, load_task_m
 from distac.models.text import bundled_minilm_path, create_random_encoder, pool
 from distac.models.vision import ZeroShotHead, create_random_clip_config
 from distac.vectors import TaskVector
+from tiny_mlp import one_torch_thread
 
 SENTENCES = [TextExample("the movie was great", None, 1), TextExample("bad", None, 0),
              TextExample("an utterly forgettable , tedious film", None, 0)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine more threads mostly spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

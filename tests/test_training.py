@@ -21,6 +21,7 @@ from distac.models.store import load_task_model
 from distac.models.text import create_random_encoder
 from distac.models.vision import create_random_clip_config
 from distac.training import FinetuneRecipe, batch_indices, classification_loss, finetune, lr_multiplier
+from tiny_mlp import one_torch_thread
 
 GLUE_DIR = Path(__file__).resolve().parents[1] / "../shared/data/glue"
 needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason="GLUE data not found beside the checkout")
@@ -28,13 +29,7 @@ POSITIVE = ["good", "great", "nice", "fine", "lovely", "superb", "happy", "best"
 NEGATIVE = ["bad", "awful", "poor", "sad", "ugly", "worst", "dull", "boring"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine more threads mostly spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distac.errors import ConfigError, MismatchError
+from distac.merging.linalg import mean_over_tasks
 from distac.vectors import TaskVector, select_keys
 
 TensorParts = dict[str, torch.Tensor]
@@ -68,6 +69,30 @@ class MergeMethod:
 def is_matrix(key: str, tensor: torch.Tensor, exclude_2d: Sequence[str] | None) -> bool:
     """Whether a tensor gets the 2-D (SVD / weight-matrix) treatment: ndim == 2 and not excluded."""
     return tensor.ndim == 2 and not (exclude_2d and not select_keys([key], exclude=exclude_2d))
+
+
+@dataclass
+class MatrixMethod(MergeMethod):
+    """A method with its own rule for 2-D weight matrices (SVD, optimization). Every other tensor, and every
+    key matching an ``exclude_2d`` regex, is averaged over tasks. The result is scaled by ``alpha`` where the
+    method has one."""
+
+    exclude_2d: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        self.exclude_2d = check_patterns(self.name, "exclude_2d", self.exclude_2d)
+        if hasattr(self, "alpha"):
+            check_number(self.name, "alpha", self.alpha)
+
+    def merge_matrix(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if is_matrix(key, tensors[0], self.exclude_2d):
+            merged = self.merge_matrix(key, tensors)
+        else:
+            merged = mean_over_tasks(tensors)
+        return getattr(self, "alpha", 1.0) * merged
 
 
 def common_keys(vectors: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:

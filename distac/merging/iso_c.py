@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distac.merging.base import MergeMethod, check_number, check_patterns, is_matrix
-from distac.merging.linalg import mean_over_tasks, svd
+from distac.merging.base import MatrixMethod
+from distac.merging.linalg import svd
 
 
 def isotropic(matrix: torch.Tensor) -> torch.Tensor:
@@ -21,16 +21,9 @@ def isotropic(matrix: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class IsoC(MergeMethod):
+class IsoC(MatrixMethod):
     name = "iso_c"
     alpha: float = 1.0
-    exclude_2d: tuple[str, ...] = ()
 
-    def validate(self) -> None:
-        check_number(self.name, "alpha", self.alpha)
-        self.exclude_2d = check_patterns(self.name, "exclude_2d", self.exclude_2d)
-
-    def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if not is_matrix(key, tensors[0], self.exclude_2d):
-            return self.alpha * mean_over_tasks(tensors)
-        return self.alpha * isotropic(torch.stack(tensors).sum(dim=0))
+    def merge_matrix(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return isotropic(torch.stack(tensors).sum(dim=0))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distac.merging.base import MergeMethod, check_number, check_patterns, is_matrix
-from distac.merging.linalg import mean_over_tasks, polar_factor, svd
+from distac.merging.base import MatrixMethod, check_number
+from distac.merging.linalg import polar_factor, svd
 
 
 def subspace_sizes(dim: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -42,19 +42,15 @@ def iso_cts_factors(tensors: list[torch.Tensor], common_fraction: float) -> tupl
 
 
 @dataclass
-class IsoCTS(MergeMethod):
+class IsoCTS(MatrixMethod):
     name = "iso_cts"
     alpha: float = 1.0
     common_fraction: float = 0.8
-    exclude_2d: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        check_number(self.name, "alpha", self.alpha)
+        super().validate()
         check_number(self.name, "common_fraction", self.common_fraction, minimum=0.0, maximum=1.0)
-        self.exclude_2d = check_patterns(self.name, "exclude_2d", self.exclude_2d)
 
-    def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if not is_matrix(key, tensors[0], self.exclude_2d):
-            return self.alpha * mean_over_tasks(tensors)
+    def merge_matrix(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         u, mean_singular_value, v = iso_cts_factors(tensors, self.common_fraction)
-        return self.alpha * mean_singular_value * (u @ v.mT)
+        return mean_singular_value * (u @ v.mT)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distac.merging.base import MergeMethod, check_number, check_patterns, is_matrix
+from distac.merging.base import MatrixMethod
 from distac.merging.linalg import mean_over_tasks, polar_factor, svd
 
 log = logging.getLogger(__name__)
@@ -35,20 +35,13 @@ def tsv_factors(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 
 
 @dataclass
-class TSV(MergeMethod):
+class TSV(MatrixMethod):
     name = "tsv"
     alpha: float = 1.0
-    exclude_2d: tuple[str, ...] = ()
 
-    def validate(self) -> None:
-        check_number(self.name, "alpha", self.alpha)
-        self.exclude_2d = check_patterns(self.name, "exclude_2d", self.exclude_2d)
-
-    def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if not is_matrix(key, tensors[0], self.exclude_2d):
-            return self.alpha * mean_over_tasks(tensors)
+    def merge_matrix(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         if min(tensors[0].shape) < len(tensors):
             log.warning("tsv: %r has rank < %d tasks; merged by the mean instead", key, len(tensors))
-            return self.alpha * mean_over_tasks(tensors)
+            return mean_over_tasks(tensors)
         u, s, v = tsv_factors(tensors)
-        return self.alpha * (u * s) @ v.mT
+        return (u * s) @ v.mT

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distac.merging.base import MergeMethod, check_number, check_patterns, is_matrix
-from distac.merging.linalg import mean_over_tasks
+from distac.merging.base import MatrixMethod, check_number
 
 
 def wudi_optimize(tensors: list[torch.Tensor], steps: int, lr: float) -> torch.Tensor:
@@ -38,18 +37,15 @@ def wudi_optimize(tensors: list[torch.Tensor], steps: int, lr: float) -> torch.T
 
 
 @dataclass
-class WUDI(MergeMethod):
+class WUDI(MatrixMethod):
     name = "wudi"
     steps: int = 300
     lr: float = 1e-5
-    exclude_2d: tuple[str, ...] = ()
 
     def validate(self) -> None:
+        super().validate()
         check_number(self.name, "steps", self.steps, minimum=0, integer=True)
         check_number(self.name, "lr", self.lr, minimum=0.0, exclusive_minimum=True)
-        self.exclude_2d = check_patterns(self.name, "exclude_2d", self.exclude_2d)
 
-    def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if not is_matrix(key, tensors[0], self.exclude_2d):
-            return mean_over_tasks(tensors)
+    def merge_matrix(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         return wudi_optimize(tensors, self.steps, self.lr)
