@@ -9,9 +9,16 @@ Retries: transient storage errors (OSError, botocore) are retried after a delay;
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
+import yaml
 from prefect import task
 
 from distac import stages
@@ -102,14 +109,46 @@ def pretrained(params: dict[str, Any], tracking: Tracking | None = None) -> dict
                     lambda run: stages.pretrained(p))
 
 
+def run_stage_in_child_process(params: PipelineParams, *stage_args: str) -> None:
+    """Run one stage as ``distac stage ...`` in a child process, exactly as ``dvc repro`` does.
+
+    Fine-tuning draws its dropout masks from torch's process-wide RNG: two fine-tunes sharing a process (the
+    thread runner) would perturb each other's masks, so results would depend on scheduling and differ from
+    DVC's. A child process gives each its own RNG, and the flow the same results as ``dvc repro``.
+    """
+    with tempfile.TemporaryDirectory(prefix="distac-stage-") as tmp:
+        params_path = os.path.join(tmp, "params.yaml")
+        with open(params_path, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(params.model_dump(mode="json"), handle, sort_keys=False)
+        done = subprocess.run([sys.executable, "-m", "distac", "stage", *stage_args, "--params", params_path,
+                               "--no-progress"], capture_output=True, text=True)
+    if done.returncode == 2:  # the CLI's exit code for a user error (bad data, bad config)
+        raise DistacError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "stage failed")
+    if done.returncode:
+        raise RuntimeError(f"distac stage {' '.join(stage_args)} failed (exit {done.returncode}):\n"
+                           f"{done.stderr[-4000:]}")
+
+
+def _finetune_isolated(p: PipelineParams, task_name: str, run: StageRun) -> stages.StageResult:
+    """Fine-tune in a child process, then replay its loss curve into the MLflow run."""
+    if not stages.is_done(p, "finetune", task=task_name):
+        started = time.monotonic()
+        run_stage_in_child_process(p, "finetune", "--task", task_name)
+        on_step = run.metrics_callback("train/", LOG_EVERY, f"finetune/{task_name}")
+        for entry in stages.read_json(stages.stage_dir(p, "finetune", task=task_name), "history.json"):
+            on_step(entry["step"], {k: v for k, v in entry.items() if k != "step"})
+        result = stages.finetune(p, task_name, progress=False)  # up to date now: reads the summary back
+        return dataclasses.replace(result, skipped=False, seconds=time.monotonic() - started)
+    return stages.finetune(p, task_name, progress=False)
+
+
 @stage_task("finetune", "finetune-{task_name}")
 def finetune(params: dict[str, Any], task_name: str, tracking: Tracking | None = None) -> dict[str, Any]:
     p = params_of(params)
     logged = {"task": task_name, "recipe": p.recipe(task_name).model_dump(mode="json"),
               "data": p.data.model_dump(mode="json")}
     return _tracked("finetune", p, tracking, f"finetune-{task_name}", logged,
-                    lambda run: stages.finetune(p, task_name, progress=False, on_step=run.metrics_callback(
-                        "train/", LOG_EVERY, f"finetune/{task_name}")),
+                    lambda run: _finetune_isolated(p, task_name, run),
                     artifacts=["metrics.json", "history.json"])
 
 

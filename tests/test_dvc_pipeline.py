@@ -67,6 +67,16 @@ def test_metrics_and_plots_show_read_the_report(repo, first_repro):
     assert "runs/report/plot.csv" in plots and "runs/report/results.png" in plots
 
 
+def test_the_prefect_flow_gives_the_same_results_as_dvc(repo, first_repro, make_tiny_params, tmp_path):
+    from flows.pipeline import distac_pipeline
+
+    flow_params = make_tiny_params(tmp_path, tasks=TASKS, merge=MERGE)
+    distac_pipeline(flow_params)
+    by_dvc = json.loads((repo / "runs" / "report" / "metrics.json").read_text())
+    by_flow = json.loads((tmp_path / "storage" / "report" / "metrics.json").read_text())
+    assert by_flow == by_dvc
+
+
 def test_a_params_change_reruns_only_downstream_stages(repo, first_repro):
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())
