@@ -268,7 +268,10 @@ def _replace_local(staged: str, final: str) -> None:
         trash = f"{final}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, trash)
         os.replace(staged, final)
-        shutil.rmtree(trash, ignore_errors=True) if os.path.isdir(trash) else os.remove(trash)
+        if os.path.isdir(trash):
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.remove(trash)
     else:
         os.replace(staged, final)
 
