@@ -62,12 +62,9 @@ def run(args: argparse.Namespace) -> int:
     from distac.models.store import save_pretrained, save_task_model
     from distac.training import FinetuneRecipe, finetune
 
-    import torch
+    from distac.cli.extract import set_threads
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be ≥ 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     recipe = FinetuneRecipe(**{name: getattr(args, name) for name in RECIPE_FLAGS})
     task = load_task(args.task, root=args.data_root, max_train=args.max_train, max_eval=args.max_eval,
                      seed=args.seed)
