@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 Collate = Callable[[Sequence[Any]], Mapping[str, torch.Tensor]]
 LogCallback = Callable[[int, dict[str, float]], None]
+Probe = Callable[[TaskModel], Mapping[str, float]]
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -297,6 +298,12 @@ class _Teacher:
             return self.frozen(inputs).float()
 
 
+def _probed(probe: Probe, model: TaskModel) -> dict[str, float]:
+    """The probe's measurements of the current student, as plain floats, with gradients off."""
+    with torch.no_grad():
+        return {name: float(value) for name, value in probe(model).items()}
+
+
 @contextlib.contextmanager
 def _backbone_training(model: TaskModel):
     """Freeze the head and put the model in eval mode (no dropout) for the run; restore both afterwards."""
@@ -329,7 +336,8 @@ def _delta_norm(anchor_delta: Mapping[str, torch.Tensor], params: Mapping[str, t
 
 def condition(model: TaskModel, pretrained: Mapping[str, torch.Tensor], task_vector: TaskVector,
               unlabeled: Sequence[Any], collate: Collate, config: DistacConfig | None = None, *,
-              progress: bool = True, on_log: LogCallback | None = None) -> ConditioningResult:
+              progress: bool = True, on_log: LogCallback | None = None,
+              probe: Probe | None = None) -> ConditioningResult:
     """Run DisTaC on one task and return the conditioned task vector τ'.
 
     ``model`` carries the task's head (frozen here); its backbone weights are overwritten, and on return it
@@ -337,6 +345,9 @@ def condition(model: TaskModel, pretrained: Mapping[str, torch.Tensor], task_vec
     the task's inputs (labels, if any, are never used) and ``collate`` turns a list of them into model
     inputs. Each history entry describes one logged optimizer step: the minibatch's losses and student
     statistics (at the weights the step started from) and ‖τ'‖ after the step.
+
+    ``probe(model)``, when given, measures the student at the anchor (a step-0 history entry) and at every
+    logged step, e.g. its validation accuracy, so convergence can be plotted; its numbers join the entry.
     """
     config = config or DistacConfig()
     _check_keys(model, pretrained, task_vector)
@@ -356,7 +367,7 @@ def condition(model: TaskModel, pretrained: Mapping[str, torch.Tensor], task_vec
             raise MismatchError("none of the task vector's tensors is a trainable backbone parameter")
         anchor = {k: p.detach().clone() for k, p in params.items()}
         history = _distill(model, params, anchor, anchor_delta, teacher, examples, collate, config,
-                           progress, on_log)
+                           progress, on_log, probe)
 
     with torch.no_grad():  # τ' = κτ + (θ − θ_0): exactly κτ where nothing moved
         conditioned = {}
@@ -378,12 +389,16 @@ def condition(model: TaskModel, pretrained: Mapping[str, torch.Tensor], task_vec
 def _distill(model: TaskModel, params: Mapping[str, torch.nn.Parameter], anchor: Mapping[str, torch.Tensor],
              anchor_delta: Mapping[str, torch.Tensor], teacher: _Teacher, examples: Sequence[Any],
              collate: Collate, config: DistacConfig, progress: bool,
-             on_log: LogCallback | None) -> list[dict[str, float]]:
+             on_log: LogCallback | None, probe: Probe | None) -> list[dict[str, float]]:
     """The optimization loop: Adam on KD + β‖θ − θ_0‖² over ``params``; returns the logged history."""
     device = teacher.device
     optimizer = torch.optim.Adam(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     sampler = _BatchSampler(len(examples), config.batch_size, config.seed)
     history: list[dict[str, float]] = []
+    if probe is not None:
+        history.append({"step": 0, "norm": _delta_norm(anchor_delta, params, anchor), **_probed(probe, model)})
+        if on_log is not None:
+            on_log(0, dict(history[-1]))
     for step in tqdm(range(1, config.steps + 1), desc="DisTaC", unit="step", disable=not progress):
         index = sampler.next()
         inputs = _to_device(collate([examples[i] for i in index.tolist()]), device)
@@ -404,6 +419,8 @@ def _distill(model: TaskModel, params: Mapping[str, torch.nn.Parameter], anchor:
                        "reg_loss": float(reg.detach()), "norm": _delta_norm(anchor_delta, params, anchor),
                        "student_entropy": entropy, "student_max_prob": max_prob,
                        "teacher_agreement": float((student.argmax(-1) == target.argmax(-1)).float().mean())}
+            if probe is not None:
+                metrics.update(_probed(probe, model))
             history.append(metrics)
             if on_log is not None:
                 on_log(step, dict(metrics))

@@ -145,6 +145,8 @@ class ConditioningParams(Section):
     grad_clip: PositiveFloat | None = 1.0
     num_unlabeled: PositiveInt = 512
     log_every: PositiveInt = 10
+    track_accuracy: bool = Field(False, description="validation accuracy at the anchor and every logged step "
+                                                    "(convergence curves; one validation pass each)")
     seed: int = 0
 
 
@@ -195,9 +197,23 @@ class MethodParams(Section):
         return self
 
 
+Variant = Literal["as-is", "distac"]
+
+
 class MergeParams(Section):
+    """The methods to merge with; each is merged once per variant: the vectors as-is and after DisTaC
+    (leave out ``distac`` where nothing is conditioned, e.g. a baseline setting)."""
+
     methods: list[MethodParams] = Field(min_length=1)
     alpha_grid: list[PositiveFloat] = Field(default=[0.2, 0.4, 0.6, 0.8, 1.0], min_length=1)
+    variants: list[Variant] = Field(default=["as-is", "distac"], min_length=1)
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_in_order(cls, variants: list[str]) -> list[str]:
+        if len(set(variants)) != len(variants):
+            raise ValueError("a variant is listed twice")
+        return sorted(variants, key=["as-is", "distac"].index)
 
     @field_validator("methods")
     @classmethod
@@ -217,9 +233,12 @@ class MergeParams(Section):
 
 
 class StorageParams(Section):
-    """Where stage outputs live: a local directory or ``s3://bucket/prefix``."""
+    """Where stage outputs live: a local directory or ``s3://bucket/prefix``. ``reuse`` lists other roots
+    (e.g. a sibling experiment's) whose finished stages are copied when their fingerprint matches, so a
+    model shared by several experiments is trained once."""
 
     root: str = "runs"
+    reuse: list[str] = Field(default_factory=list)
 
     @field_validator("root")
     @classmethod
@@ -227,6 +246,11 @@ class StorageParams(Section):
         if not root.strip():
             raise ValueError("must not be empty")
         return root.rstrip("/")
+
+    @field_validator("reuse")
+    @classmethod
+    def _clean_roots(cls, roots: list[str]) -> list[str]:
+        return [root.rstrip("/") for root in roots if root.strip()]
 
 
 class MlflowParams(Section):

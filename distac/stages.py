@@ -71,6 +71,11 @@ def variant_name(conditioned: bool) -> str:
     return VARIANTS[int(conditioned)]
 
 
+def merged_variants(params: PipelineParams) -> list[bool]:
+    """The configured variants as ``conditioned`` flags: False for as-is, True for DisTaC."""
+    return [variant == "distac" for variant in params.merge.variants]
+
+
 def stage_key(stage: str, task: str | None = None, method: str | None = None, conditioned: bool = False) -> str:
     """A readable stage id: 'report', 'finetune/cola', 'merge/ties/distac'."""
     parts = [stage, *([task] if task else []), *([method, variant_name(conditioned)] if method else [])]
@@ -136,7 +141,7 @@ def stage_fingerprint(params: PipelineParams, stage: str, task: str | None = Non
         return fingerprint(stage, fp(params, "merge", method=method, conditioned=conditioned))
     if stage == "report":
         return fingerprint(stage, [fp(params, "evaluate", method=m, conditioned=c)
-                                   for m in params.method_names for c in (False, True)])
+                                   for m in params.method_names for c in merged_variants(params)])
     raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 
@@ -168,6 +173,10 @@ def _run(params: PipelineParams, stage: str, work: Callable[[str], dict[str, Any
     fs, path = io.url_to_fs(io.join_uri(uri, MANIFEST))
     if manifest is not None:
         fs.rm(path)
+    reused = None if force else _reuse(params, uri, expected)
+    if reused is not None:
+        log.info("%s: reused from %s", key, reused["source"])
+        return StageResult(stage, key, uri, expected, True, reused["manifest"].get("summary", {}))
     log.info("%s: running", key)
     started = time.perf_counter()
     summary = work(uri)
@@ -177,6 +186,37 @@ def _run(params: PipelineParams, stage: str, work: Callable[[str], dict[str, Any
                   io.join_uri(uri, MANIFEST))
     log.info("%s: done in %.1f s", key, seconds)
     return StageResult(stage, key, uri, expected, False, summary, seconds)
+
+
+def _reuse(params: PipelineParams, uri: str, expected: str) -> dict[str, Any] | None:
+    """Copy the same stage from a ``storage.reuse`` root whose manifest has the expected fingerprint."""
+    relative = uri[len(params.storage.root):].lstrip("/")
+    for root in params.storage.reuse:
+        source = io.join_uri(root, relative)
+        manifest = read_manifest(source)
+        if manifest is None or manifest.get("fingerprint") != expected:
+            continue
+        _copy_stage_dir(source, uri)
+        return {"source": source, "manifest": manifest}
+    return None
+
+
+def reuse_finished(params: PipelineParams, stage: str, **where: Any) -> bool:
+    """Copy the stage from a ``storage.reuse`` root if one finished it with the same fingerprint."""
+    uri = stage_dir(params, stage, **where)
+    return _reuse(params, uri, stage_fingerprint(params, stage, **where)) is not None
+
+
+def _copy_stage_dir(source: str, target: str) -> None:
+    """Copy a finished stage directory, its manifest last, so a crash mid-copy leaves it unfinished."""
+    source_fs, source_path = io.url_to_fs(source)
+    files = [f for f in source_fs.find(source_path) if not f.endswith("/" + MANIFEST)]
+    for file in files:
+        relative = file[len(source_path.rstrip("/")):].lstrip("/")
+        with source_fs.open(file, "rb") as handle:
+            io.write_bytes_atomic(handle.read(), io.join_uri(target, relative))
+    with source_fs.open(source_path.rstrip("/") + "/" + MANIFEST, "rb") as handle:
+        io.write_bytes_atomic(handle.read(), io.join_uri(target, MANIFEST))
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -383,9 +423,13 @@ def condition(params: PipelineParams, task: str, *, on_log: MetricsCallback | No
         device = resolve_device(params)
         data = _task_data(params, task)
         vector = TaskVector.load(io.join_uri(stage_dir(params, "extract", task=task), VECTOR_FILE))
+        probe = None
+        if cfg.track_accuracy:
+            def probe(model):
+                return {"validation_accuracy": _evaluate(model, data.validation, loaded.adapter, device)[0]}
         result = run_condition(loaded.model.to(device), _pretrained_backbone(params), vector,
                                data.unlabeled(cfg.num_unlabeled, cfg.seed), loaded.adapter.collate, config,
-                               progress=progress, on_log=on_log)
+                               progress=progress, on_log=on_log, probe=probe)
         val_acc, _ = _evaluate(loaded.model, data.validation, loaded.adapter, device)
         result.vector.save(io.join_uri(uri, VECTOR_FILE))
         details = result.to_dict()
@@ -494,7 +538,7 @@ def results_rows(params: PipelineParams) -> list[dict[str, Any]]:
              **{f"{t}_abs": 100 * finetuned[t] for t in tasks}, **{f"{t}_norm": 100.0 for t in tasks},
              "mean_abs": 100 * sum(finetuned.values()) / len(tasks), "mean_norm": 100.0}]
     for method in params.method_names:
-        for conditioned in (False, True):
+        for conditioned in merged_variants(params):
             result = read_json(stage_dir(params, "evaluate", method=method, conditioned=conditioned),
                                "evaluation.json")
             per_task = result["tasks"]
@@ -538,12 +582,15 @@ def _plot_png(rows: list[dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [r["method"] for r in rows if r["variant"] == "as-is"]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "individual"))
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r["method"] != "individual"))
     value = {(r["method"], r["variant"]): r["mean_norm"] for r in rows}
     positions = range(len(methods))
+    width = 0.8 / len(variants)
     figure, axis = plt.subplots(figsize=(1.6 * len(methods) + 2, 3.5))
-    axis.bar([p - 0.2 for p in positions], [value[(m, "as-is")] for m in methods], 0.4, label="as-is")
-    axis.bar([p + 0.2 for p in positions], [value[(m, "DisTaC")] for m in methods], 0.4, label="DisTaC")
+    for i, variant in enumerate(variants):
+        offset = (i - (len(variants) - 1) / 2) * width
+        axis.bar([p + offset for p in positions], [value[(m, variant)] for m in methods], width, label=variant)
     axis.axhline(100, color="grey", linewidth=0.8, linestyle="--")
     axis.set_xticks(list(positions), methods)
     axis.set_ylabel("mean normalized accuracy (%)")

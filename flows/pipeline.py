@@ -65,8 +65,10 @@ def run_stages(params: dict[str, Any], tracking: Tracking | None = None) -> dict
     conditioned = tasks.condition.map(unmapped(params), selected, unmapped(tracking))
 
     evaluations = []
+    upstreams = {False: vectors, True: [*vectors, *conditioned]}
     for method in methods:
-        for use_distac, upstream in ((False, vectors), (True, [*vectors, *conditioned])):
+        for use_distac in stages.merged_variants(params_of_dict(params)):
+            upstream = upstreams[use_distac]
             merged = tasks.merge.submit(params, method, use_distac, tracking, wait_for=upstream)
             evaluations.append(tasks.evaluate.submit(params, method, use_distac, tracking, wait_for=[merged]))
             done.append(merged)

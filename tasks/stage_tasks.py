@@ -131,7 +131,8 @@ def run_stage_in_child_process(params: PipelineParams, *stage_args: str) -> None
 
 def _finetune_isolated(p: PipelineParams, task_name: str, run: StageRun) -> stages.StageResult:
     """Fine-tune in a child process, then replay its loss curve into the MLflow run."""
-    if not stages.is_done(p, "finetune", task=task_name):
+    done = stages.is_done(p, "finetune", task=task_name) or stages.reuse_finished(p, "finetune", task=task_name)
+    if not done:
         started = time.monotonic()
         run_stage_in_child_process(p, "finetune", "--task", task_name)
         on_step = run.metrics_callback("train/", LOG_EVERY, f"finetune/{task_name}")

@@ -168,6 +168,25 @@ def test_on_log_callback_and_seeded_reproducibility(setup):
     assert first.to_dict()["config"]["num_unlabeled"] == 100
 
 
+def test_probe_measures_the_anchor_and_every_logged_step(setup):
+    adapter, task, model, pretrained, vector, unlabeled = setup
+    config = DistacConfig(kappa=0.5, lr=1e-3, steps=4, batch_size=16, log_every=2, num_unlabeled=64)
+    probed = []
+
+    def probe(student):
+        probed.append(student.training)
+        return {"norm_of_head": torch.tensor(2.5)}
+
+    result = condition(_copy(model, adapter), pretrained, vector, unlabeled, collate, config, progress=False,
+                       probe=probe)
+    assert [h["step"] for h in result.history] == [0, 2, 4]
+    assert result.history[0]["norm"] == pytest.approx(0.5 * vector.norm(), rel=1e-6)
+    assert all(h["norm_of_head"] == 2.5 for h in result.history)
+    assert probed == [False, False, False]  # measured in eval mode
+    plain = condition(_copy(model, adapter), pretrained, vector, unlabeled, collate, config, progress=False)
+    assert all(torch.equal(plain.vector[k], result.vector[k]) for k in vector)  # probing changes nothing
+
+
 def test_bad_inputs_raise_clear_errors(setup):
     adapter, task, model, pretrained, vector, unlabeled = setup
     with pytest.raises(ConfigError, match="unlabeled"):

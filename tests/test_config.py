@@ -28,7 +28,7 @@ def error_of(data) -> str:
     return str(caught.value)
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "profiles/tiny.yaml"])
+@pytest.mark.parametrize("path", ["params.yaml", "profiles/tiny.yaml", "benchmarks/paper/original.yaml"])
 def test_shipped_params_files_are_valid(path):
     params = load_params(path)
     assert len(params.task_names) >= 2 and params.method_names
@@ -71,6 +71,8 @@ def test_defaults_and_recipe_overrides():
                                                                             "method listed twice: ties"),
     (with_changes(merge={"methods": [{"name": "ties"}], "alpha_grid": [0.5, -1]}), "merge.alpha_grid.1"),
     (with_changes(storage={"root": "  "}), "storage.root"),
+    (with_changes(merge={"methods": [{"name": "ties"}], "variants": ["distac", "distac"]}), "merge.variants"),
+    (with_changes(merge={"methods": [{"name": "ties"}], "variants": ["merged"]}), "merge.variants.0"),
     (with_changes(execution={"task_runner": "ray"}), "execution.task_runner"),
     (with_changes(execution={"dask": {"n_workers": 0}}), "execution.dask.n_workers"),
     (with_changes(diagnosis={"min_scaled_confidence": 0.9, "target_confidence": 0.8}), "diagnosis: Value error"),
@@ -153,4 +155,7 @@ def test_stage_fingerprints_change_exactly_downstream():
     assert grid == {"merge/task_arithmetic/as-is", "merge/task_arithmetic/distac", "evaluate/task_arithmetic/as-is",
                     "evaluate/task_arithmetic/distac", "report"}
     # Where outputs live and how the run executes do not change what they are.
-    assert _changed(base, storage={"root": "s3://bucket/x"}, execution={"task_runner": "dask"}) == set()
+    assert _changed(base, storage={"root": "s3://bucket/x", "reuse": ["runs"]},
+                    execution={"task_runner": "dask"}) == set()
+    only_as_is = _changed(base, merge={**base["merge"], "variants": ["as-is"]})
+    assert only_as_is == {"report"}

@@ -142,6 +142,29 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(first_run, make
     assert "| ties | DisTaC |" in resumed["report"]["table"]
 
 
+def test_stages_reused_from_another_root_and_one_variant_only(first_run, make_tiny_params, tmp_path):
+    _, params, _ = first_run
+    source = Path(params.storage.root)
+    path = make_tiny_params(tmp_path, tasks=SHAPE["tasks"], storage={"reuse": [str(source)]},
+                            conditioning={"steps": 2, "track_accuracy": True},
+                            merge={**SHAPE["merge"], "variants": ["distac"]})
+    result = distac_pipeline(path)
+    root = Path(load_params(path).storage.root)
+    selected = json.loads((root / "diagnosis" / "diagnosis.json").read_text())["conditioned_tasks"]
+    assert ran(result) == ({f"condition/{t}" for t in selected} | {"report"}
+                           | {f"{s}/{m['name']}/distac" for s in ("merge", "evaluate") for m in METHODS})
+    for task in TASKS:  # reused stages are copies of the source's, manifest included
+        for file in (source / "finetune" / task).rglob("*"):
+            if file.is_file():
+                assert (root / "finetune" / task / file.relative_to(source / "finetune" / task)).read_bytes() \
+                    == file.read_bytes()
+    history = json.loads((root / "conditioned" / selected[0] / "history.json").read_text())
+    assert [h["step"] for h in history] == [0, 1, 2]
+    assert all(0.0 <= h["validation_accuracy"] <= 1.0 for h in history)
+    assert "as-is" not in result["report"]["table"] and "| emr | DisTaC |" in result["report"]["table"]
+    assert leftovers(root) == []
+
+
 def test_dask_runner_on_a_local_cluster_of_two_processes(first_run, make_tiny_params, tmp_path):
     _, params, _ = first_run
     shutil.copytree(params.storage.root, tmp_path / "storage")

@@ -1,0 +1,221 @@
+"""Reproduce the paper's experiment at small scale, through the pipeline itself (issue 5).
+
+Three settings (original, norm mismatch, low confidence; ``benchmarks/paper/settings.yaml``) run through the
+Prefect flow once per seed, each logged to MLflow; every merge method merged as-is and after DisTaC. Then
+the two guidelines are measured on seed 0 (a κ sweep; overconfident → merge → calibrate against merging
+soft sources) and everything is collected into ``benchmarks/results/paper/``: the tables (markdown, JSON),
+the plots and the command that produced them.
+
+    .venv/bin/python -m benchmarks.paper_repro all                 # everything, seeds one after the other
+    .venv/bin/python -m benchmarks.paper_repro run --seed 1        # one seed's three flows (run seeds side by side)
+    .venv/bin/python -m benchmarks.paper_repro sweep | calibration | report
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import flows  # noqa: F401  (Prefect defaults before prefect is imported)
+
+REPO = Path(__file__).resolve().parent.parent
+SETTINGS_FILE = REPO / "benchmarks" / "paper" / "settings.yaml"
+
+
+# --------------------------------------------------------------------------------------------- the plan
+
+
+def load_plan(path: Path = SETTINGS_FILE) -> dict[str, Any]:
+    plan = yaml.safe_load(path.read_text())
+    plan["base_params"] = yaml.safe_load((path.parent / plan["base"]).read_text())
+    return plan
+
+
+def setting_root(plan: dict[str, Any], setting: str, seed: int) -> str:
+    return f"{plan['root']}/seed{seed}/{setting}"
+
+
+def setting_params(plan: dict[str, Any], setting: str, seed: int) -> dict[str, Any]:
+    """The base params with the setting's recipe overrides, the seed and the setting's storage root."""
+    spec = plan["settings"][setting]
+    params = copy.deepcopy(plan["base_params"])
+    for task in params["tasks"]:
+        task["finetune"] = {**task.get("finetune", {}), **spec["tasks"].get(task["name"], {})}
+    for section in ("data", "finetune", "conditioning"):
+        params[section]["seed"] = seed
+    params["conditioning"]["tasks"] = list(spec["conditioning_tasks"])
+    params["merge"]["variants"] = ["as-is", "distac"] if spec["conditioning_tasks"] else ["as-is"]
+    params["storage"]["root"] = setting_root(plan, setting, seed)
+    if setting != "original":
+        params["storage"]["reuse"] = [setting_root(plan, "original", seed)]
+    return params
+
+
+def write_params(plan: dict[str, Any], setting: str, seed: int) -> Path:
+    path = REPO / setting_root(plan, setting, seed) / "params.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(setting_params(plan, setting, seed), sort_keys=False))
+    return path
+
+
+def loaded_params(plan: dict[str, Any], setting: str, seed: int):
+    from distac.config import parse_params
+
+    return parse_params(setting_params(plan, setting, seed), source=f"{setting} seed {seed}")
+
+
+# --------------------------------------------------------------------------------------------- the flows
+
+
+def run_seed(plan: dict[str, Any], seed: int) -> None:
+    """One Prefect flow run per setting; each skips what an earlier run already finished."""
+    from flows.pipeline import distac_pipeline
+
+    for setting in plan["settings"]:
+        path = write_params(plan, setting, seed)
+        started = time.perf_counter()
+        print(f"== seed {seed}, {setting}: {path}", flush=True)
+        result = distac_pipeline(str(path.relative_to(REPO)))
+        print(result["report"]["table"])
+        print(f"== seed {seed}, {setting}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- guidelines
+
+
+def _served(params, task: str, backbone_delta=None, scale: float = 1.0):
+    """The fine-tuned task model of ``task`` with its backbone set to θ_pre + scale · delta (τ by default)."""
+    from distac import io, stages
+    from distac.models.store import load_task_model
+    from distac.vectors import TaskVector
+
+    loaded = load_task_model(io.join_uri(stages.stage_dir(params, "finetune", task=task), "model"))
+    if backbone_delta is None:
+        backbone_delta = TaskVector.load(io.join_uri(stages.stage_dir(params, "extract", task=task),
+                                                     stages.VECTOR_FILE))
+    loaded.model.load_backbone(backbone_delta.apply_to(stages._pretrained_backbone(params), alpha=scale))
+    return loaded
+
+
+def kappa_sweep(plan: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Accuracy of one task's model rescaled to κτ, before and after DisTaC, for each κ ("shrink, don't
+    stretch"): κ < 1 should keep accuracy after distillation, κ > 1 lose it."""
+    import torch
+
+    from distac import stages
+    from distac.conditioning import DistacConfig, condition
+    from distac.evaluation import accuracy, labels_of, predict_logits
+    from distac.vectors import TaskVector
+
+    spec = plan["kappa_sweep"]
+    params = loaded_params(plan, spec["setting"], seed)
+    torch.set_num_threads(params.execution.torch_threads or 1)
+    task, cfg = spec["task"], params.conditioning
+    data = stages._task_data(params, task)
+    labels = labels_of(data.test)
+
+    def test_accuracy(loaded) -> float:
+        return accuracy(predict_logits(loaded.model, data.test, loaded.adapter.collate, batch_size=64), labels)
+
+    rows = [{"kappa": 0.0, "rescaled_accuracy": test_accuracy(_served(params, task, scale=0.0)),
+             "distac_accuracy": None, "final_norm": 0.0}]
+    for kappa in spec["kappas"]:
+        started = time.perf_counter()
+        rescaled = _served(params, task, scale=kappa)
+        row = {"kappa": kappa, "rescaled_accuracy": test_accuracy(rescaled)}
+        teacher = _served(params, task)
+        vector = TaskVector.load(f"{stages.stage_dir(params, 'extract', task=task)}/{stages.VECTOR_FILE}")
+        config = DistacConfig(kappa=kappa, teacher_temperature=1.0, student_temperature=1.0, beta=cfg.beta,
+                              lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, grad_clip=cfg.grad_clip,
+                              num_unlabeled=cfg.num_unlabeled, log_every=cfg.log_every, seed=cfg.seed)
+        result = condition(teacher.model, stages._pretrained_backbone(params), vector,
+                           data.unlabeled(cfg.num_unlabeled, cfg.seed), teacher.adapter.collate, config,
+                           progress=False)
+        row.update(distac_accuracy=test_accuracy(teacher), original_norm=result.original_norm,
+                   final_norm=result.final_norm, seconds=round(time.perf_counter() - started, 1))
+        print(f"κ {kappa}: rescaled {row['rescaled_accuracy']:.3f}, DisTaC {row['distac_accuracy']:.3f}", flush=True)
+        rows.append(row)
+    finetuned = stages._finetuned_accuracy(params, "test")[task]
+    return {"setting": spec["setting"], "task": task, "seed": seed, "finetuned_accuracy": finetuned,
+            "conditioning": cfg.model_dump(mode="json"), "rows": rows}
+
+
+def calibration_study(plan: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Overconfident sources → merge → temperature-scale the merged model, against merging sources that are
+    soft (calibrated by their training recipe) as they are, and after DisTaC sharpened them."""
+    import torch
+
+    from distac import io, stages
+    from distac.calibration import calibrate, confidence_stats, expected_calibration_error
+    from distac.evaluation import accuracy, labels_of, predict_logits
+    from distac.vectors import TaskVector
+
+    method = plan["calibration"]["method"]
+    soft = plan["settings"]["low_confidence"]["conditioning_tasks"]
+    paths = {"overconfident → merge → calibrate": ("original", False),
+             "soft sources → merge": ("low_confidence", False),
+             "soft sources → DisTaC → merge → calibrate": ("low_confidence", True)}
+    results: dict[str, Any] = {"method": method, "seed": seed, "soft_tasks": soft, "paths": {}}
+    for name, (setting, conditioned) in paths.items():
+        params = loaded_params(plan, setting, seed)
+        torch.set_num_threads(params.execution.torch_threads or 1)
+        merged_uri = stages.stage_dir(params, "merge", method=method, conditioned=conditioned)
+        info = stages.read_json(merged_uri, "merge.json")
+        per_task = {}
+        for task in params.task_names:
+            delta = TaskVector.load(io.join_uri(merged_uri, info["served"][task]))
+            loaded = _served(params, task, delta)
+            data = stages._task_data(params, task)
+            val = predict_logits(loaded.model, data.validation, loaded.adapter.collate, batch_size=64)
+            test = predict_logits(loaded.model, data.test, loaded.adapter.collate, batch_size=64)
+            val_labels, test_labels = labels_of(data.validation), labels_of(data.test)
+            fitted = calibrate(val, val_labels, eval_logits=test, eval_labels=test_labels)
+            per_task[task] = {
+                "accuracy": accuracy(test, test_labels),
+                "mean_max_prob": confidence_stats(test).mean_max_prob,
+                "ece": expected_calibration_error(torch.softmax(test, dim=1), test_labels),
+                "calibrated_ece": fitted.ece_after, "temperature": fitted.temperature,
+                "nll": fitted.nll_before, "calibrated_nll": fitted.nll_after}
+        results["paths"][name] = {"setting": setting, "variant": stages.variant_name(conditioned),
+                                  "alpha": info["alpha"], "tasks": per_task}
+    return results
+
+
+# --------------------------------------------------------------------------------------------- collect
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.paper_repro", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=["all", "run", "sweep", "calibration", "report"])
+    parser.add_argument("--seed", type=int, action="append", help="seed(s) for 'run' (default: all)")
+    parser.add_argument("--settings", type=Path, default=SETTINGS_FILE)
+    args = parser.parse_args(argv)
+    os.chdir(REPO)
+    plan = load_plan(args.settings)
+    results = REPO / plan["results"]
+    results.mkdir(parents=True, exist_ok=True)
+    if args.step in ("all", "run"):
+        for seed in args.seed or plan["seeds"]:
+            run_seed(plan, seed)
+    if args.step in ("all", "sweep"):
+        (results / "kappa_sweep.json").write_text(json.dumps(kappa_sweep(plan), indent=2))
+    if args.step in ("all", "calibration"):
+        (results / "calibration.json").write_text(json.dumps(calibration_study(plan), indent=2))
+    if args.step in ("all", "report"):
+        from benchmarks.paper_report import write_report
+
+        write_report(plan, results, command=" ".join(["python -m benchmarks.paper_repro", *sys.argv[1:]]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
