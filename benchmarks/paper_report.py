@@ -1,0 +1,321 @@
+"""Collect the paper-reproduction runs into ``benchmarks/results/paper/``: tables (markdown, JSON), plots, and
+one MLflow run holding them (see ``benchmarks/paper_repro.py``)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from distac import stages
+
+def _read(uri: str, name: str) -> Any | None:
+    try:
+        return stages.read_json(uri, name)
+    except Exception:  # a stage that has not run (yet)
+        return None
+
+
+def _diagnostics(params) -> dict[str, dict[str, Any]]:
+    """Per task: ‖τ‖, its ratio to the smallest, the source model's mean max-probability and accuracy."""
+    norms = {t: _read(stages.stage_dir(params, "extract", task=t), "stats.json")["norm"] for t in params.task_names}
+    smallest = min(norms.values())
+    out = {}
+    for task in params.task_names:
+        labels = [example.label for example in stages._task_data(params, task).test]
+        majority = max(labels.count(label) for label in set(labels)) / len(labels)
+        metrics = _read(stages.stage_dir(params, "finetune", task=task), "metrics.json")
+        recipe = params.recipe(task).model_dump()
+        changed = {k: v for k, v in recipe.items() if v != params.finetune.model_dump()[k]}
+        out[task] = {"norm": norms[task], "norm_ratio": norms[task] / smallest, "recipe_changes": changed,
+                     "mean_max_prob": metrics["validation_mean_max_prob"],
+                     "validation_accuracy": metrics["validation_accuracy"],
+                     "test_accuracy": metrics["test_accuracy"], "majority_accuracy": majority}
+    return out
+
+
+def _conditioning(params) -> dict[str, Any]:
+    out = {}
+    for task in params.conditioning.tasks if isinstance(params.conditioning.tasks, list) else []:
+        uri = stages.stage_dir(params, "condition", task=task)
+        summary, history = _read(uri, "summary.json"), _read(uri, "history.json")
+        if summary is not None:
+            out[task] = {**{k: summary.get(k) for k in ("kappa", "original_norm", "final_norm",
+                                                         "validation_accuracy")},
+                         "temperatures": [summary.get("config", {}).get("teacher_temperature"),
+                                          summary.get("config", {}).get("student_temperature")],
+                         "history": history}
+    return out
+
+
+def collect_runs(plan: dict[str, Any]) -> dict[str, Any]:
+    """Every finished (seed, setting): its diagnostics, results rows and conditioning summaries."""
+    from benchmarks.paper_repro import loaded_params
+
+    runs: dict[str, Any] = {}
+    for seed in plan["seeds"]:
+        for setting in plan["settings"]:
+            params = loaded_params(plan, setting, seed)
+            if stages.read_manifest(stages.stage_dir(params, "report")) is None:
+                continue
+            runs.setdefault(str(seed), {})[setting] = {
+                "storage": params.storage.root, "diagnostics": _diagnostics(params),
+                "rows": stages.results_rows(params), "conditioning": _conditioning(params)}
+    return runs
+
+
+def headline(plan: dict[str, Any], runs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per method: mean normalized accuracy in each (setting, variant), mean and spread over seeds."""
+    columns = [(s, v) for s in plan["settings"] for v in (["as-is"] if not plan["settings"][s]["conditioning_tasks"]
+                                                           else ["as-is", "DisTaC"])]
+    methods = [m["name"] for m in plan["base_params"]["merge"]["methods"]]
+    table = []
+    for method in methods:
+        row: dict[str, Any] = {"method": method}
+        for setting, variant in columns:
+            values = [r["mean_norm"] for seed in runs.values() for r in seed.get(setting, {}).get("rows", [])
+                      if r["method"] == method and r["variant"] == variant]
+            row[f"{setting}/{variant}"] = {"mean": statistics.fmean(values) if values else None,
+                                           "seeds": values}
+        table.append(row)
+    return table
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    values = entry["seeds"]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.fmean(values):.1f} ± {(max(values) - min(values)) / 2:.1f}"
+
+
+def headline_markdown(plan: dict[str, Any], table: list[dict[str, Any]]) -> str:
+    keys = [k for k in table[0] if k != "method"]
+    names = [k.replace("_", " ").replace("/", ", ") for k in keys]
+    lines = ["| Method | " + " | ".join(names) + " |", "|---|" + "---|" * len(keys)]
+    for row in table:
+        lines.append(f"| {row['method']} | " + " | ".join(_cell(row[k]) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def diagnostics_markdown(plan: dict[str, Any], runs: dict[str, Any]) -> str:
+    lines = ["| Setting | Task | Recipe change | ‖τ‖ | ‖τ‖ / smallest | mean max-prob | fine-tuned acc. | majority class |",
+             "|---|---|---|---|---|---|---|---|"]
+    seeds = list(runs)
+    for setting in plan["settings"]:
+        per_seed = [runs[s][setting]["diagnostics"] for s in seeds if setting in runs[s]]
+        if not per_seed:
+            continue
+        for task in per_seed[0]:
+            def joined(key: str, fmt: str) -> str:
+                return " / ".join(format(d[task][key], fmt) for d in per_seed)
+            change = ", ".join(f"{k} {v:g}" for k, v in per_seed[0][task]["recipe_changes"].items()) or "–"
+            lines.append(f"| {setting} | {task} | {change} | {joined('norm', '.2f')} | {joined('norm_ratio', '.1f')} | "
+                         f"{joined('mean_max_prob', '.3f')} | {joined('test_accuracy', '.3f')} | "
+                         f"{joined('majority_accuracy', '.3f')} |")
+    return "\n".join(lines) + f"\n\nValues per seed: {' / '.join(seeds)}.\n"
+
+
+def conditioning_markdown(runs: dict[str, Any]) -> str:
+    lines = ["| Seed | Setting | Task | κ | ‖τ‖ → ‖τ′‖ | T_tcr, T_stu | validation acc. after |", "|---|---|---|---|---|---|---|"]
+    for seed, settings in runs.items():
+        for setting, run in settings.items():
+            for task, c in run["conditioning"].items():
+                lines.append(f"| {seed} | {setting} | {task} | {c['kappa']:.3f} | {c['original_norm']:.2f} → "
+                             f"{c['final_norm']:.2f} | {c['temperatures'][0]:g}, {c['temperatures'][1]:.3g} | "
+                             f"{100 * c['validation_accuracy']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def kappa_markdown(sweep: dict[str, Any]) -> str:
+    lines = [f"Task {sweep['task']} ({sweep['setting']} setting, seed {sweep['seed']}); fine-tuned test accuracy "
+             f"{100 * sweep['finetuned_accuracy']:.1f}. κ = 0 is the pretrained backbone with the task's head.", "",
+             "| κ | rescaled θ_pre + κτ | after DisTaC | ‖τ′‖ |", "|---|---|---|---|"]
+    for row in sweep["rows"]:
+        distac = "–" if row["distac_accuracy"] is None else f"{100 * row['distac_accuracy']:.1f}"
+        lines.append(f"| {row['kappa']:g} | {100 * row['rescaled_accuracy']:.1f} | {distac} | {row['final_norm']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def calibration_markdown(study: dict[str, Any]) -> str:
+    lines = [f"Merge method {study['method']}, seed {study['seed']}; soft-source tasks: {', '.join(study['soft_tasks'])}. "
+             "Test accuracy, mean max-probability, ECE before and after temperature scaling fitted on validation.", "",
+             "| Path | Task | acc. | mean max-prob | ECE | ECE calibrated | T |", "|---|---|---|---|---|---|---|"]
+    for name, path in study["paths"].items():
+        for task, m in path["tasks"].items():
+            lines.append(f"| {name} | {task} | {100 * m['accuracy']:.1f} | {m['mean_max_prob']:.3f} | "
+                         f"{m['ece']:.3f} | {m['calibrated_ece']:.3f} | {m['temperature']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_headline(table: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    keys = [k for k in table[0] if k != "method"]
+    width = 0.8 / len(keys)
+    figure, axis = plt.subplots(figsize=(12, 4))
+    for i, key in enumerate(keys):
+        xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(table))]
+        means = [row[key]["mean"] or 0.0 for row in table]
+        spread = [((max(v) - min(v)) / 2 if len(v) > 1 else 0.0) for v in (row[key]["seeds"] for row in table)]
+        axis.bar(xs, means, width, yerr=spread, capsize=2, label=key.replace("_", " ").replace("/", ", "))
+    axis.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+    axis.set_xticks(range(len(table)), [row["method"] for row in table])
+    axis.set_ylabel("mean normalized accuracy (%)")
+    axis.set_ylim(40, 105)
+    axis.legend(ncol=5, fontsize=8, loc="lower center")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_kappa(sweep: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    rows = sweep["rows"]
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    axis.plot([r["kappa"] for r in rows], [100 * r["rescaled_accuracy"] for r in rows], "o--",
+              label="rescaled θ_pre + κτ")
+    conditioned = [r for r in rows if r["distac_accuracy"] is not None]
+    axis.plot([r["kappa"] for r in conditioned], [100 * r["distac_accuracy"] for r in conditioned], "s-",
+              label="after DisTaC")
+    axis.axhline(100 * sweep["finetuned_accuracy"], color="grey", linestyle=":", label="fine-tuned")
+    axis.axvline(1.0, color="lightgrey", linewidth=0.8)
+    axis.set_xlabel("κ (norm scale)")
+    axis.set_ylabel(f"{sweep['task']} test accuracy (%)")
+    axis.set_title("shrink, don't stretch")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_calibration(study: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    names = list(study["paths"])
+    tasks = list(next(iter(study["paths"].values()))["tasks"])
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    width = 0.8 / len(names)
+    panels = [("accuracy", "test accuracy (%)", 100), ("ece", "ECE, as merged", 1), ("calibrated_ece",
+                                                                                      "ECE, after temperature scaling", 1)]
+    for axis, (key, label, factor) in zip(axes, panels):
+        for i, name in enumerate(names):
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(tasks))]
+            axis.bar(xs, [factor * study["paths"][name]["tasks"][t][key] for t in tasks], width, label=name)
+        axis.set_xticks(range(len(tasks)), tasks)
+        axis.set_title(label, fontsize=10)
+    axes[1].set_ylim(0, max(0.3, axes[1].get_ylim()[1]))
+    axes[2].set_ylim(axes[1].get_ylim())
+    axes[0].legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_convergence(runs: dict[str, Any], path: Path) -> None:
+    """Norm conditioning: validation accuracy and ‖τ′‖ over steps; confidence conditioning: entropy."""
+    plt = _pyplot()
+    seed0 = runs[min(runs)]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for setting, run in seed0.items():
+        for task, c in run["conditioning"].items():
+            history = c["history"] or []
+            label = f"{task} ({setting.replace('_', ' ')})"
+            probed = [h for h in history if "validation_accuracy" in h]
+            line, = axes[0].plot([h["step"] for h in probed], [100 * h["validation_accuracy"] for h in probed],
+                                 label=label)
+            axes[0].axhline(100 * run["diagnostics"][task]["validation_accuracy"], color=line.get_color(),
+                            linestyle=":", linewidth=0.8)
+            axes[1].plot([h["step"] for h in history], [h["norm"] for h in history], color=line.get_color(),
+                         label=label)
+            entropies = [h for h in history if "student_entropy" in h]
+            axes[2].plot([h["step"] for h in entropies], [h["student_entropy"] for h in entropies],
+                         color=line.get_color(), label=label)
+    axes[0].set_title("validation accuracy during DisTaC (%; dotted: teacher)", fontsize=10)
+    axes[1].set_title("‖τ′‖ during DisTaC", fontsize=10)
+    axes[2].set_title("student predictive entropy (nats)", fontsize=10)
+    for axis in axes:
+        axis.set_xlabel("DisTaC step")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# --------------------------------------------------------------------------------------------- write
+
+
+def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str, Any]:
+    runs = collect_runs(plan)
+    if not runs:
+        raise SystemExit("no finished setting yet: run `python -m benchmarks.paper_repro run` first")
+    sweep = _load(results / "kappa_sweep.json")
+    study = _load(results / "calibration.json")
+    table = headline(plan, runs)
+    tasks = [t["name"] for t in plan["base_params"]["tasks"]]
+    plot_headline(table, results / "headline.png")
+    plot_convergence(runs, results / "convergence.png")
+    sections = [
+        "# Paper reproduction at small scale: MiniLM on four GLUE tasks\n",
+        f"Command: `{command}` (settings: `benchmarks/paper/settings.yaml`, base params: "
+        f"`benchmarks/paper/{plan['base']}`). Generated {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, "
+        f"seeds {', '.join(runs)}.\n",
+        "## Settings\n", *[f"- **{name}**: {spec['description']}" for name, spec in plan["settings"].items()], "",
+        "## Source models\n", diagnostics_markdown(plan, runs),
+        "## Mean normalized accuracy (%), mean ± half the spread over seeds\n", headline_markdown(plan, table),
+        "![headline](headline.png)\n",
+        "## DisTaC runs\n", conditioning_markdown(runs), "![convergence](convergence.png)\n",
+    ]
+    for seed, settings in runs.items():
+        for setting, run in settings.items():
+            sections += [f"## {setting}, seed {seed}: absolute (normalized) test accuracy\n",
+                         stages.results_markdown(run["rows"], tasks)]
+    if sweep:
+        plot_kappa(sweep, results / "kappa_sweep.png")
+        sections += ["## Guideline: shrink, don't stretch\n", kappa_markdown(sweep), "![kappa](kappa_sweep.png)\n"]
+    if study:
+        plot_calibration(study, results / "calibration.png")
+        sections += ["## Guideline: overconfident → merge → calibrate\n", calibration_markdown(study),
+                     "![calibration](calibration.png)\n"]
+    markdown = "\n".join(sections)
+    (results / "results.md").write_text(markdown)
+    summary = {"command": command, "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "settings": {k: v for k, v in plan["settings"].items()}, "headline": table, "runs": runs,
+               "kappa_sweep": sweep, "calibration": study}
+    (results / "results.json").write_text(json.dumps(summary, indent=1, default=float))
+    _log_to_mlflow(plan, results, table)
+    return summary
+
+
+def _load(path: Path) -> Any | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _log_to_mlflow(plan: dict[str, Any], results: Path, table: list[dict[str, Any]]) -> None:
+    """One MLflow run in the benchmark's experiment holding the headline metrics and every result file."""
+    import mlflow
+
+    settings = plan["base_params"]["mlflow"]
+    mlflow.set_tracking_uri(settings["tracking_uri"])
+    mlflow.set_experiment(settings["experiment"])
+    with mlflow.start_run(run_name=f"paper-repro-report-{time.strftime('%Y%m%d-%H%M%S')}",
+                          tags={"distac.kind": "paper-repro-report"}):
+        for row in table:
+            for key, entry in row.items():
+                if key != "method" and entry["mean"] is not None:
+                    mlflow.log_metric(f"{row['method']}.{key.replace('/', '.')}.mean_norm", entry["mean"])
+        mlflow.log_artifacts(str(results))

@@ -1,0 +1,36 @@
+"""The paper-reproduction benchmark's plan: every (setting, seed) derives valid pipeline params."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.paper_repro import load_plan, loaded_params, setting_root
+
+PLAN = load_plan()
+
+
+@pytest.mark.parametrize("setting", list(PLAN["settings"]))
+@pytest.mark.parametrize("seed", PLAN["seeds"])
+def test_every_setting_and_seed_gives_valid_params(setting, seed):
+    params = loaded_params(PLAN, setting, seed)
+    spec = PLAN["settings"][setting]
+    assert params.storage.root == setting_root(PLAN, setting, seed)
+    assert params.data.seed == params.finetune.seed == params.conditioning.seed == seed
+    assert params.conditioning.tasks == spec["conditioning_tasks"]
+    for task in params.task_names:
+        for field, value in spec["tasks"].get(task, {}).items():
+            assert getattr(params.recipe(task), field) == value
+    if setting == "original":
+        assert params.merge.variants == ["as-is"] and params.storage.reuse == []
+    else:
+        assert params.merge.variants == ["as-is", "distac"]
+        assert params.storage.reuse == [setting_root(PLAN, "original", seed)]
+
+
+def test_settings_differ_from_the_original_only_in_their_tasks():
+    original = loaded_params(PLAN, "original", 0)
+    for setting, spec in PLAN["settings"].items():
+        params = loaded_params(PLAN, setting, 0)
+        changed = {t for t in params.task_names if params.recipe(t) != original.recipe(t)}
+        assert changed == set(spec["tasks"])
+        assert len(changed) in (0, 2)
