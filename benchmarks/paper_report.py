@@ -56,8 +56,10 @@ def collect_runs(plan: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.paper_repro import loaded_params
 
     runs: dict[str, Any] = {}
+    from benchmarks.paper_repro import settings_for
+
     for seed in plan["seeds"]:
-        for setting in plan["settings"]:
+        for setting in settings_for(plan, seed):
             params = loaded_params(plan, setting, seed)
             if stages.read_manifest(stages.stage_dir(params, "report")) is None:
                 continue

@@ -53,6 +53,8 @@ def setting_params(plan: dict[str, Any], setting: str, seed: int) -> dict[str, A
         params[section]["seed"] = seed
     params["conditioning"]["tasks"] = list(spec["conditioning_tasks"])
     params["merge"]["variants"] = ["as-is", "distac"] if spec["conditioning_tasks"] else ["as-is"]
+    if seed != plan["seeds"][0]:
+        params["merge"]["methods"] = [m for m in params["merge"]["methods"] if m["name"] in plan["headline_methods"]]
     params["storage"]["root"] = setting_root(plan, setting, seed)
     if setting != "original":
         params["storage"]["reuse"] = [setting_root(plan, "original", seed)]
@@ -75,11 +77,18 @@ def loaded_params(plan: dict[str, Any], setting: str, seed: int):
 # --------------------------------------------------------------------------------------------- the flows
 
 
-def run_seed(plan: dict[str, Any], seed: int) -> None:
+def settings_for(plan: dict[str, Any], seed: int) -> list[str]:
+    """The settings run with this seed (a setting may name its own ``seeds``)."""
+    return [name for name, spec in plan["settings"].items() if seed in spec.get("seeds", plan["seeds"])]
+
+
+def run_seed(plan: dict[str, Any], seed: int, only: list[str] | None = None) -> None:
     """One Prefect flow run per setting; each skips what an earlier run already finished."""
     from flows.pipeline import distac_pipeline
 
-    for setting in plan["settings"]:
+    for setting in settings_for(plan, seed):
+        if only and setting not in only:
+            continue
         path = write_params(plan, setting, seed)
         started = time.perf_counter()
         print(f"== seed {seed}, {setting}: {path}", flush=True)
@@ -197,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["all", "run", "sweep", "calibration", "report"])
     parser.add_argument("--seed", type=int, action="append", help="seed(s) for 'run' (default: all)")
+    parser.add_argument("--setting", action="append", help="only these settings, for 'run' (default: all)")
     parser.add_argument("--settings", type=Path, default=SETTINGS_FILE)
     args = parser.parse_args(argv)
     os.chdir(REPO)
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     if args.step in ("all", "run"):
         for seed in args.seed or plan["seeds"]:
-            run_seed(plan, seed)
+            run_seed(plan, seed, args.setting)
     if args.step in ("all", "sweep"):
         (results / "kappa_sweep.json").write_text(json.dumps(kappa_sweep(plan), indent=2))
     if args.step in ("all", "calibration"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.paper_repro import load_plan, loaded_params, setting_root
+from benchmarks.paper_repro import load_plan, loaded_params, setting_root, settings_for
 
 PLAN = load_plan()
 
@@ -34,3 +34,12 @@ def test_settings_differ_from_the_original_only_in_their_tasks():
         changed = {t for t in params.task_names if params.recipe(t) != original.recipe(t)}
         assert changed == set(spec["tasks"])
         assert len(changed) in (0, 2)
+
+
+def test_later_seeds_repeat_the_headline_methods_of_their_settings():
+    first, *later = PLAN["seeds"]
+    assert settings_for(PLAN, first) == list(PLAN["settings"])
+    for seed in later:
+        assert set(settings_for(PLAN, seed)) <= set(PLAN["settings"]) and "original" in settings_for(PLAN, seed)
+        assert loaded_params(PLAN, "original", seed).method_names == PLAN["headline_methods"]
+    assert len(loaded_params(PLAN, "original", first).method_names) == 8
