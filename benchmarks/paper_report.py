@@ -186,10 +186,18 @@ def plot_headline(table: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def plot_kappa(sweep: dict[str, Any], path: Path) -> None:
+def plot_kappa(sweeps: list[dict[str, Any]], path: Path) -> None:
     plt = _pyplot()
+    figure, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 3.8), squeeze=False)
+    for sweep, axis in zip(sweeps, axes[0]):
+        _plot_one_sweep(sweep, axis)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_one_sweep(sweep: dict[str, Any], axis) -> None:
     rows = sweep["rows"]
-    figure, axis = plt.subplots(figsize=(5.5, 3.8))
     axis.plot([r["kappa"] for r in rows], [100 * r["rescaled_accuracy"] for r in rows], "o--",
               label="rescaled θ_pre + κτ")
     conditioned = [r for r in rows if r["distac_accuracy"] is not None]
@@ -199,11 +207,8 @@ def plot_kappa(sweep: dict[str, Any], path: Path) -> None:
     axis.axvline(1.0, color="lightgrey", linewidth=0.8)
     axis.set_xlabel("κ (norm scale)")
     axis.set_ylabel(f"{sweep['task']} test accuracy (%)")
-    axis.set_title("shrink, don't stretch")
+    axis.set_title(f"{sweep['task']} ({sweep['setting'].replace('_', ' ')}, ‖τ‖ {rows[1]['original_norm']:.2f})")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def plot_calibration(study: dict[str, Any], path: Path) -> None:
@@ -228,34 +233,45 @@ def plot_calibration(study: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def plot_convergence(runs: dict[str, Any], path: Path) -> None:
-    """Norm conditioning: validation accuracy and ‖τ′‖ over steps; confidence conditioning: entropy."""
+def plot_convergence(runs: list[dict[str, Any]], path: Path) -> None:
+    """DisTaC over steps: the student's validation accuracy (dotted: its teacher), ‖τ′‖ and entropy."""
     plt = _pyplot()
-    seed0 = runs[min(runs)]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for setting, run in seed0.items():
-        for task, c in run["conditioning"].items():
-            history = c["history"] or []
-            label = f"{task} ({setting.replace('_', ' ')})"
-            probed = [h for h in history if "validation_accuracy" in h]
-            line, = axes[0].plot([h["step"] for h in probed], [100 * h["validation_accuracy"] for h in probed],
-                                 label=label)
-            axes[0].axhline(100 * run["diagnostics"][task]["validation_accuracy"], color=line.get_color(),
-                            linestyle=":", linewidth=0.8)
-            axes[1].plot([h["step"] for h in history], [h["norm"] for h in history], color=line.get_color(),
-                         label=label)
-            entropies = [h for h in history if "student_entropy" in h]
-            axes[2].plot([h["step"] for h in entropies], [h["student_entropy"] for h in entropies],
-                         color=line.get_color(), label=label)
-    axes[0].set_title("validation accuracy during DisTaC (%; dotted: teacher)", fontsize=10)
-    axes[1].set_title("‖τ′‖ during DisTaC", fontsize=10)
-    axes[2].set_title("student predictive entropy (nats)", fontsize=10)
+    for run in runs:
+        history = run["history"]
+        label = f"{run['task']} ({run['setting'].replace('_', ' ')}; κ {run['kappa']:.2f}, T_stu {run['temperatures'][1]:.2g})"
+        steps = [h["step"] for h in history]
+        line, = axes[0].plot(steps, [100 * h["validation_accuracy"] for h in history], "o-", markersize=3, label=label)
+        axes[0].axhline(100 * run["teacher_validation_accuracy"], color=line.get_color(), linestyle=":", linewidth=1)
+        axes[1].plot(steps, [h["norm"] for h in history], color=line.get_color())
+        logged = [h for h in history if "student_entropy" in h]
+        axes[2].plot([h["step"] for h in logged], [h["student_entropy"] for h in logged], color=line.get_color())
+    axes[0].set_title("validation accuracy (%; dotted: teacher)", fontsize=10)
+    axes[1].set_title("‖τ′‖", fontsize=10)
+    axes[2].set_title("student predictive entropy on its batch (nats)", fontsize=10)
     for axis in axes:
         axis.set_xlabel("DisTaC step")
     axes[0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def convergence_markdown(runs: list[dict[str, Any]]) -> str:
+    lines = ["| Setting | Task | κ | T_tcr, T_stu | val. acc. teacher | at the anchor | after 50 steps | at the end | "
+             "‖τ′‖ anchor → end | entropy first → last logged | max abs. diff. from the pipeline's τ′ |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        h = run["history"]
+        at_50 = next((x for x in h if x["step"] >= 50), h[-1])
+        logged = [x for x in h if "student_entropy" in x]
+        lines.append(f"| {run['setting']} | {run['task']} | {run['kappa']:.3f} | {run['temperatures'][0]:g}, "
+                     f"{run['temperatures'][1]:.3g} | {100 * run['teacher_validation_accuracy']:.1f} | "
+                     f"{100 * h[0]['validation_accuracy']:.1f} | {100 * at_50['validation_accuracy']:.1f} | "
+                     f"{100 * h[-1]['validation_accuracy']:.1f} | {h[0]['norm']:.2f} → {h[-1]['norm']:.2f} | "
+                     f"{logged[0]['student_entropy']:.3f} → {logged[-1]['student_entropy']:.3f} | "
+                     f"{run['max_abs_difference_from_pipeline']:.1e} |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------- write
@@ -266,11 +282,12 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
     if not runs:
         raise SystemExit("no finished setting yet: run `python -m benchmarks.paper_repro run` first")
     sweep = _load(results / "kappa_sweep.json")
+    sweep = [sweep] if isinstance(sweep, dict) else sweep
     study = _load(results / "calibration.json")
     table = headline(plan, runs)
     tasks = [t["name"] for t in plan["base_params"]["tasks"]]
+    convergence = _load(results / "convergence.json")
     plot_headline(table, results / "headline.png")
-    plot_convergence(runs, results / "convergence.png")
     sections = [
         "# Paper reproduction at small scale: MiniLM on four GLUE tasks\n",
         f"Command: `{command}` (settings: `benchmarks/paper/settings.yaml`, base params: "
@@ -280,15 +297,19 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
         "## Source models\n", diagnostics_markdown(plan, runs),
         "## Mean normalized accuracy (%), mean ± half the spread over seeds\n", headline_markdown(plan, table),
         "![headline](headline.png)\n",
-        "## DisTaC runs\n", conditioning_markdown(runs), "![convergence](convergence.png)\n",
+        "## DisTaC runs\n", conditioning_markdown(runs),
     ]
+    if convergence:
+        plot_convergence(convergence, results / "convergence.png")
+        sections += ["## DisTaC convergence (seed 0)\n", convergence_markdown(convergence),
+                     "![convergence](convergence.png)\n"]
     for seed, settings in runs.items():
         for setting, run in settings.items():
             sections += [f"## {setting}, seed {seed}: absolute (normalized) test accuracy\n",
                          stages.results_markdown(run["rows"], tasks)]
     if sweep:
         plot_kappa(sweep, results / "kappa_sweep.png")
-        sections += ["## Guideline: shrink, don't stretch\n", kappa_markdown(sweep), "![kappa](kappa_sweep.png)\n"]
+        sections += ["## Guideline: shrink, don't stretch\n", *map(kappa_markdown, sweep), "![kappa](kappa_sweep.png)\n"]
     if study:
         plot_calibration(study, results / "calibration.png")
         sections += ["## Guideline: overconfident → merge → calibrate\n", calibration_markdown(study),
@@ -297,7 +318,7 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
     (results / "results.md").write_text(markdown)
     summary = {"command": command, "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "settings": {k: v for k, v in plan["settings"].items()}, "headline": table, "runs": runs,
-               "kappa_sweep": sweep, "calibration": study}
+               "kappa_sweep": sweep, "calibration": study, "convergence": convergence}
     (results / "results.json").write_text(json.dumps(summary, indent=1, default=float))
     _log_to_mlflow(plan, results, table)
     return summary

@@ -8,7 +8,7 @@ the plots and the command that produced them.
 
     .venv/bin/python -m benchmarks.paper_repro all                 # everything, seeds one after the other
     .venv/bin/python -m benchmarks.paper_repro run --seed 1        # one seed's three flows (run seeds side by side)
-    .venv/bin/python -m benchmarks.paper_repro sweep | calibration | report
+    .venv/bin/python -m benchmarks.paper_repro sweep | calibration | convergence | report
 """
 
 from __future__ import annotations
@@ -114,7 +114,18 @@ def _served(params, task: str, backbone_delta=None, scale: float = 1.0):
     return loaded
 
 
-def kappa_sweep(plan: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+def kappa_sweeps(plan: dict[str, Any], done: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """The κ sweep of every source in the plan; sweeps already ``done`` (same source and κs) are kept."""
+    spec = plan["kappa_sweep"]
+    sweeps = []
+    for source in spec["sources"]:
+        previous = [s for s in done if (s["setting"], s["task"], s["seed"]) == (source["setting"], source["task"], seed)
+                    and [r["kappa"] for r in s["rows"][1:]] == spec["kappas"]]
+        sweeps.append(previous[0] if previous else kappa_sweep(plan, source["setting"], source["task"], seed))
+    return sweeps
+
+
+def kappa_sweep(plan: dict[str, Any], setting: str, task: str, seed: int = 0) -> dict[str, Any]:
     """Accuracy of one task's model rescaled to κτ, before and after DisTaC, for each κ ("shrink, don't
     stretch"): κ < 1 should keep accuracy after distillation, κ > 1 lose it."""
     import torch
@@ -124,10 +135,9 @@ def kappa_sweep(plan: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     from distac.evaluation import accuracy, labels_of, predict_logits
     from distac.vectors import TaskVector
 
-    spec = plan["kappa_sweep"]
-    params = loaded_params(plan, spec["setting"], seed)
+    params = loaded_params(plan, setting, seed)
     torch.set_num_threads(params.execution.torch_threads or 1)
-    task, cfg = spec["task"], params.conditioning
+    cfg = params.conditioning
     data = stages._task_data(params, task)
     labels = labels_of(data.test)
 
@@ -136,7 +146,7 @@ def kappa_sweep(plan: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 
     rows = [{"kappa": 0.0, "rescaled_accuracy": test_accuracy(_served(params, task, scale=0.0)),
              "distac_accuracy": None, "final_norm": 0.0}]
-    for kappa in spec["kappas"]:
+    for kappa in plan["kappa_sweep"]["kappas"]:
         started = time.perf_counter()
         rescaled = _served(params, task, scale=kappa)
         row = {"kappa": kappa, "rescaled_accuracy": test_accuracy(rescaled)}
@@ -150,10 +160,10 @@ def kappa_sweep(plan: dict[str, Any], seed: int = 0) -> dict[str, Any]:
                            progress=False)
         row.update(distac_accuracy=test_accuracy(teacher), original_norm=result.original_norm,
                    final_norm=result.final_norm, seconds=round(time.perf_counter() - started, 1))
-        print(f"κ {kappa}: rescaled {row['rescaled_accuracy']:.3f}, DisTaC {row['distac_accuracy']:.3f}", flush=True)
+        print(f"{task} κ {kappa}: rescaled {row['rescaled_accuracy']:.3f}, DisTaC {row['distac_accuracy']:.3f}", flush=True)
         rows.append(row)
     finetuned = stages._finetuned_accuracy(params, "test")[task]
-    return {"setting": spec["setting"], "task": task, "seed": seed, "finetuned_accuracy": finetuned,
+    return {"setting": setting, "task": task, "seed": seed, "finetuned_accuracy": finetuned,
             "conditioning": cfg.model_dump(mode="json"), "rows": rows}
 
 
@@ -198,13 +208,53 @@ def calibration_study(plan: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     return results
 
 
+def convergence_study(plan: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
+    """DisTaC re-run exactly as the pipeline's condition stage ran it, probing the student's validation
+    accuracy every ``log_every`` steps; the final vector is compared with the pipeline's."""
+    import dataclasses
+
+    import torch
+
+    from distac import io, stages
+    from distac.conditioning import condition
+    from distac.vectors import TaskVector
+
+    runs = []
+    for source in plan["convergence"]["sources"]:
+        params = loaded_params(plan, source["setting"], seed)
+        torch.set_num_threads(params.execution.torch_threads or 1)
+        task, cfg = source["task"], params.conditioning
+        config = dataclasses.replace(stages._distac_config(params, task), log_every=plan["convergence"]["log_every"])
+        teacher = _served(params, task)
+        data = stages._task_data(params, task)
+        vector = TaskVector.load(io.join_uri(stages.stage_dir(params, "extract", task=task), stages.VECTOR_FILE))
+
+        def probe(model, data=data, adapter=teacher.adapter):
+            return {"validation_accuracy": stages._evaluate(model, data.validation, adapter, torch.device("cpu"))[0]}
+
+        result = condition(teacher.model, stages._pretrained_backbone(params), vector,
+                           data.unlabeled(cfg.num_unlabeled, cfg.seed), teacher.adapter.collate, config,
+                           progress=False, probe=probe)
+        pipeline = TaskVector.load(io.join_uri(stages.stage_dir(params, "condition", task=task), stages.VECTOR_FILE))
+        difference = max(float((result.vector[k] - pipeline[k]).abs().max()) for k in vector)
+        teacher_accuracy = stages.read_json(stages.stage_dir(params, "finetune", task=task), "metrics.json")
+        runs.append({"setting": source["setting"], "task": task, "seed": seed, "kappa": result.kappa,
+                     "temperatures": [config.teacher_temperature, config.student_temperature],
+                     "teacher_validation_accuracy": teacher_accuracy["validation_accuracy"],
+                     "max_abs_difference_from_pipeline": difference, "history": result.history})
+        print(f"{source['setting']}/{task}: κ {result.kappa:.3f}, accuracy "
+              f"{result.history[0]['validation_accuracy']:.3f} → {result.history[-1]['validation_accuracy']:.3f}, "
+              f"max |Δ| from the pipeline's vector {difference:.2e}", flush=True)
+    return runs
+
+
 # --------------------------------------------------------------------------------------------- collect
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.paper_repro", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["all", "run", "sweep", "calibration", "report"])
+    parser.add_argument("step", choices=["all", "run", "sweep", "calibration", "convergence", "report"])
     parser.add_argument("--seed", type=int, action="append", help="seed(s) for 'run' (default: all)")
     parser.add_argument("--setting", action="append", help="only these settings, for 'run' (default: all)")
     parser.add_argument("--settings", type=Path, default=SETTINGS_FILE)
@@ -217,9 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seed or plan["seeds"]:
             run_seed(plan, seed, args.setting)
     if args.step in ("all", "sweep"):
-        (results / "kappa_sweep.json").write_text(json.dumps(kappa_sweep(plan), indent=2))
+        path = results / "kappa_sweep.json"
+        done = json.loads(path.read_text()) if path.exists() else []
+        done = [done] if isinstance(done, dict) else done
+        path.write_text(json.dumps(kappa_sweeps(plan, done), indent=2))
     if args.step in ("all", "calibration"):
         (results / "calibration.json").write_text(json.dumps(calibration_study(plan), indent=2))
+    if args.step in ("all", "convergence"):
+        (results / "convergence.json").write_text(json.dumps(convergence_study(plan), indent=2))
     if args.step in ("all", "report"):
         from benchmarks.paper_report import write_report
 
