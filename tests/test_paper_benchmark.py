@@ -43,3 +43,21 @@ def test_later_seeds_repeat_the_headline_methods_of_their_settings():
         assert set(settings_for(PLAN, seed)) <= set(PLAN["settings"]) and "original" in settings_for(PLAN, seed)
         assert loaded_params(PLAN, "original", seed).method_names == PLAN["headline_methods"]
     assert len(loaded_params(PLAN, "original", first).method_names) == 8
+
+
+def test_headline_averages_each_method_over_the_seeds_that_ran_it():
+    from benchmarks.paper_report import _cell, headline
+
+    runs = {"0": {"original": {"rows": [
+                {"method": "ties", "variant": "as-is", "mean_norm": 90.0}]},
+                  "norm_mismatch": {"rows": [{"method": "ties", "variant": "as-is", "mean_norm": 70.0},
+                                             {"method": "ties", "variant": "DisTaC", "mean_norm": 88.0}]}},
+            "1": {"original": {"rows": [{"method": "ties", "variant": "as-is", "mean_norm": 92.0}]}}}
+    table = {row["method"]: row for row in headline(PLAN, runs)}
+    assert table["ties"]["original/as-is"] == {"mean": 91.0, "seeds": [90.0, 92.0]}
+    assert table["ties"]["norm_mismatch/DisTaC"] == {"mean": 88.0, "seeds": [88.0]}
+    assert table["emr"]["low_confidence/DisTaC"] == {"mean": None, "seeds": []}
+    assert "original/DisTaC" not in table["ties"]  # nothing is conditioned in the original setting
+    assert _cell(table["ties"]["original/as-is"]) == "91.0 ± 1.0"
+    assert _cell(table["ties"]["norm_mismatch/DisTaC"]) == "88.0"
+    assert _cell(table["emr"]["low_confidence/DisTaC"]) == "–"
