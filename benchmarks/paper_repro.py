@@ -53,7 +53,7 @@ def setting_params(plan: dict[str, Any], setting: str, seed: int) -> dict[str, A
         params[section]["seed"] = seed
     params["conditioning"]["tasks"] = list(spec["conditioning_tasks"])
     params["merge"]["variants"] = ["as-is", "distac"] if spec["conditioning_tasks"] else ["as-is"]
-    if seed != plan["seeds"][0]:
+    if seed != plan["seeds"][0] or spec.get("headline_only"):
         params["merge"]["methods"] = [m for m in params["merge"]["methods"] if m["name"] in plan["headline_methods"]]
     params["storage"]["root"] = setting_root(plan, setting, seed)
     if setting != "original":
