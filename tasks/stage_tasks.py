@@ -120,8 +120,9 @@ def run_stage_in_child_process(params: PipelineParams, *stage_args: str) -> None
         params_path = os.path.join(tmp, "params.yaml")
         with open(params_path, "w", encoding="utf-8") as handle:
             yaml.safe_dump(params.model_dump(mode="json"), handle, sort_keys=False)
-        done = subprocess.run([sys.executable, "-m", "distac", "stage", *stage_args, "--params", params_path,
-                               "--no-progress"], capture_output=True, text=True)
+        command = [sys.executable, "-m", "distac", "stage", *stage_args, "--params", params_path, "--no-progress",
+                   "--exit-with-parent", str(os.getpid())]  # a killed run leaves no stage running on
+        done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode == 2:  # the CLI's exit code for a user error (bad data, bad config)
         raise DistacError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "stage failed")
     if done.returncode:

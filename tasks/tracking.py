@@ -10,10 +10,12 @@ import logging
 import os
 import socket
 import tempfile
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
@@ -57,17 +59,26 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+def _store_lock(uri: str) -> AbstractContextManager:
+    """A lock beside a sqlite store: runs started side by side would otherwise race to create its schema and
+    the experiment (MLflow fails with "duplicate column name" or a unique-constraint error)."""
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///"):])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(f"{database}.lock")
+    return nullcontext()
+
+
 def setup_experiment(settings: MlflowParams) -> Tracking:
     """Create (or find) the experiment; returns a Tracking without a parent run."""
     uri = absolute_tracking_uri(settings.tracking_uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(settings.experiment)
-    if experiment is not None:
-        return Tracking(uri, experiment.experiment_id)
-    location = settings.artifact_location or default_artifact_location(uri)
-    return Tracking(uri, client.create_experiment(settings.experiment, artifact_location=location))
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(settings.experiment)
+        if experiment is not None:
+            return Tracking(uri, experiment.experiment_id)
+        location = settings.artifact_location or default_artifact_location(uri)
+        return Tracking(uri, client.create_experiment(settings.experiment, artifact_location=location))
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import threading
+import time
 
 from distac.errors import ConfigError
 from distac.stages import VARIANTS
@@ -28,7 +31,26 @@ def register(subparsers) -> None:
     parser.add_argument("--variant", choices=VARIANTS, help="as-is (default) or distac")
     parser.add_argument("--force", action="store_true", help="run even if the stage is up to date")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--exit-with-parent", type=int, metavar="PID",
+                        help="exit as soon as process PID (the runner that spawned this stage) is gone, so a "
+                             "killed pipeline run leaves no stage running on in the background")
     parser.set_defaults(func=run)
+
+
+def exit_with_parent(pid: int, poll_seconds: float = 0.5) -> None:
+    """Exit this process once it is no longer ``pid``'s child (the parent died and it was re-parented).
+
+    Stage outputs are written atomically, so exiting mid-stage leaves nothing half-written behind.
+    """
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    if os.getppid() != pid:
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -46,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from distac import stages
     from distac.config import load_params
 
+    if args.exit_with_parent is not None:
+        exit_with_parent(args.exit_with_parent)
     args.conditioned = args.conditioned or args.variant == "distac"
     _check_arguments(args)
     params = load_params(args.params)
