@@ -12,6 +12,7 @@ from typing import Any
 
 from distac import stages
 
+
 def _read(uri: str, name: str) -> Any | None:
     try:
         return stages.read_json(uri, name)
