@@ -291,7 +291,8 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
     plot_headline(table, results / "headline.png")
     sections = [
         "# Paper reproduction at small scale: MiniLM on four GLUE tasks\n",
-        "Command: `python -m benchmarks.paper_repro all`, or its steps one by one: `run --seed 0` and `run --seed 1` "
+        "Command: `python -m benchmarks.paper_repro all`, or its steps one by one: "
+        f"{' and '.join(f'`run --seed {seed}`' for seed in plan['seeds'])} "
         "(side by side, each setting a Prefect flow run), then `sweep`, `calibration`, `convergence`, `report` "
         f"(this file was written by `{command}`; settings: `benchmarks/paper/settings.yaml`, base params: "
         f"`benchmarks/paper/{plan['base']}`). Generated {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, "
