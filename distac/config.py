@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -18,18 +20,30 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from distac.errors import ConfigError
 
 GLUE_TASKS = ("cola", "mrpc", "rte", "sst2")
-OTHER_TASK_PREFIXES = ("vision:", "imagefolder:")
+VISION_PREFIX = "vision:"
+IMAGE_FOLDER_PREFIX = "imagefolder:"
+# A task name is also a folder name under the storage root and an argument in dvc.yaml's shell commands:
+# it may only hold characters that are safe in both. Paths live in their own fields (data.vision_root).
+PLAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+TORCHVISION_CLASS = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 def _task_name(name: str) -> str:
-    """A GLUE task (canonical spelling: 'SST-2' → 'sst2'), 'vision:<torchvision class>' or 'imagefolder:<path>'."""
+    """A GLUE task (canonical spelling: 'SST-2' → 'sst2'), ``vision:<torchvision class>``,
+    ``imagefolder:<folder under data.vision_root>`` or any other ``[a-z0-9_-]+`` name."""
     glue = name.lower().replace("-", "").replace("_", "")
     if glue in GLUE_TASKS:
         return glue
-    if name.startswith(OTHER_TASK_PREFIXES) and len(name.split(":", 1)[1]) > 0:
+    if name.startswith(VISION_PREFIX) and TORCHVISION_CLASS.fullmatch(name[len(VISION_PREFIX):]):
         return name
-    raise ValueError(f"unknown task {name!r}: expected one of {', '.join(GLUE_TASKS)}, "
-                     f"'vision:<torchvision dataset>' or 'imagefolder:<path>'")
+    if name.startswith(IMAGE_FOLDER_PREFIX) and PLAIN_NAME.fullmatch(name[len(IMAGE_FOLDER_PREFIX):]):
+        return name
+    if PLAIN_NAME.fullmatch(name) and name not in (".", ".."):
+        raise ValueError(f"unknown task {name!r}: expected one of {', '.join(GLUE_TASKS)}, "
+                         f"'vision:<torchvision class>' or 'imagefolder:<folder under data.vision_root>'")
+    raise ValueError(f"invalid task name {name!r}: a task name may hold only a-z, 0-9, '_' and '-' "
+                     f"(after the prefix 'vision:' a torchvision class name, after 'imagefolder:' a folder name "
+                     f"under data.vision_root; paths belong in data.vision_root, not in the name)")
 
 
 TaskName = Annotated[str, AfterValidator(_task_name)]
@@ -41,9 +55,11 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
 class Section(BaseModel):
-    """A strict, immutable config section."""
+    """A strict, immutable config section: unknown keys are errors, values are never coerced (``true`` is
+    not the number 1, ``"4"`` not the integer 4; an integer is accepted where a float is expected), and
+    floats must be finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelParams(Section):
@@ -253,10 +269,22 @@ class StorageParams(Section):
         return [root.rstrip("/") for root in roots if root.strip()]
 
 
+TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
 class MlflowParams(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "distac"
     artifact_location: str | None = Field(None, description="default: ./mlruns beside the tracking store")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        scheme = urlsplit(uri).scheme.split("+", 1)[0]
+        if scheme not in TRACKING_SCHEMES and not (len(scheme) == 1 and os.name == "nt"):
+            raise ValueError(f"unknown tracking URI scheme {scheme!r}; use one of "
+                             f"{', '.join(s for s in TRACKING_SCHEMES if s)} or a local path")
+        return uri
 
 
 class DaskParams(Section):
@@ -348,11 +376,22 @@ def parse_params(data: Any, source: str = "params") -> PipelineParams:
         raise ConfigError(f"{source} is invalid:\n{_format_errors(exc)}") from None
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; params are strictly typed, so read it as the float a
+    person means, as YAML 1.2 does."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def load_params(path: str | os.PathLike) -> PipelineParams:
     """Read and validate a params YAML file."""
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = yaml.load(handle, Loader=_ParamsLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise ConfigError(f"params file not found: {path}") from None
     except yaml.YAMLError as exc:

@@ -246,7 +246,7 @@ def _task_data(params: PipelineParams, task: str):
     from distac.data import load_task
 
     data = params.data
-    root = data.vision_root if task.startswith("vision:") else data.glue_dir
+    root = data.vision_root if task.startswith(("vision:", "imagefolder:")) else data.glue_dir
     return load_task(task, root=root, max_train=data.max_train, max_eval=data.max_eval,
                      validation_fraction=data.validation_fraction, seed=data.seed)
 

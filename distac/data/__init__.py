@@ -26,7 +26,8 @@ def load_task(name: str, *, root: str | os.PathLike | None = None, max_train: in
     """Load a task's train / validation / test splits.
 
     ``name``: a GLUE task (cola, mrpc, rte, sst2 / sst-2, any case), ``vision:<torchvision class>`` (read
-    from ``root``), or ``imagefolder:<path>``. ``root`` is the GLUE directory or the torchvision data root.
+    from ``root``), or ``imagefolder:<folder>`` (``root``/folder, or a path when ``root`` is None). ``root`` is
+    the GLUE directory or the torchvision / image-folder data root.
     """
     for field, value in (("max_train", max_train), ("max_eval", max_eval)):
         if value is not None and value < 1:
@@ -37,7 +38,8 @@ def load_task(name: str, *, root: str | os.PathLike | None = None, max_train: in
     if name.startswith(VISION_PREFIX):
         train, test, class_names = read_torchvision(name[len(VISION_PREFIX):], root)
     elif name.startswith(IMAGE_FOLDER_PREFIX):
-        train, test, class_names = read_image_folder(name[len(IMAGE_FOLDER_PREFIX):])
+        folder = name[len(IMAGE_FOLDER_PREFIX):]
+        train, test, class_names = read_image_folder(os.path.join(root, folder) if root else folder)
     elif (task := glue_task_name(name)) is not None:
         glue_root = find_glue_root(root)
         train, test = read_glue_splits(task, glue_root) if glue_root else read_glue_from_hub(task)
