@@ -19,3 +19,7 @@ class NonFiniteError(DistacError):
 
 class ConfigError(DistacError):
     """An unknown method, hyperparameter or configuration value."""
+
+
+class OutputError(DistacError):
+    """An output location would overwrite an input or files that distac did not write."""

@@ -334,8 +334,9 @@ class ShardedSafetensorsWriter:
     """
 
     def __init__(self, uri: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, overwrite: bool = False):
         self.uri = str(uri).rstrip("/")
+        self.overwrite = overwrite
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
         self._local = is_local(self.uri)
@@ -347,6 +348,9 @@ class ShardedSafetensorsWriter:
         self._total_bytes = 0
 
     def __enter__(self) -> "ShardedSafetensorsWriter":
+        from distac.outputs import guard_output  # outputs reads checkpoints through this module
+
+        guard_output(self.uri, kind="checkpoint", overwrite=self.overwrite)  # before any work
         self._staging = _local_staging_dir(self._final_path)
         return self
 
@@ -411,11 +415,11 @@ class ShardedSafetensorsWriter:
 
 def save_state_dict(state: Mapping[str, torch.Tensor], uri: str | os.PathLike,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    metadata: Mapping[str, str] | None = None) -> None:
+                    metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> None:
     """Save a state dict atomically.
 
     ``*.safetensors`` → one file; ``*.pt/.bin/.pth`` → ``torch.save``; anything else → a directory of
-    (possibly sharded) safetensors.
+    (possibly sharded) safetensors, which replaces only an earlier checkpoint directory unless ``overwrite``.
     """
     uri = str(uri)
     fs, path = url_to_fs(uri)
@@ -434,6 +438,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], uri: str | os.PathLike,
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return
-    with ShardedSafetensorsWriter(uri, max_shard_bytes=max_shard_bytes, metadata=metadata) as writer:
+    with ShardedSafetensorsWriter(uri, max_shard_bytes=max_shard_bytes, metadata=metadata,
+                                  overwrite=overwrite) as writer:
         for key, tensor in state.items():
             writer.add(key, tensor)

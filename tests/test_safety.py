@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
-
 import pytest
+import torch
 import yaml
 
+from distac import io
+from distac.cli import main
 from distac.config import ConfigError, load_params, parse_params
+from distac.errors import OutputError
+from distac.merging.streaming import merge_checkpoints
 
 MINIMAL = {"tasks": [{"name": "cola"}, {"name": "mrpc"}], "merge": {"methods": [{"name": "task_arithmetic"}]}}
 
@@ -81,3 +83,98 @@ def test_dvc_yaml_quotes_every_interpolation():
     for command in commands:
         unquoted = command.replace("'${", "").split("${")
         assert len(unquoted) == 1, f"unquoted interpolation in {command!r}"
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def tiny_state(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"layer.weight": torch.randn(6, 4, generator=generator), "layer.bias": torch.randn(6, generator=generator)}
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A user's project directory: two checkpoints, notes and data, all of which must survive."""
+    root = tmp_path / "project"
+    root.mkdir()
+    io.save_state_dict(tiny_state(0), root / "pre.safetensors")
+    io.save_state_dict(tiny_state(1), root / "ft_a.safetensors")
+    io.save_state_dict(tiny_state(2), root / "ft_b.safetensors")
+    (root / "notes.txt").write_text("my notes")
+    (root / "data").mkdir()
+    (root / "data" / "train.csv").write_text("text,label\nhi,1\n")
+    return root
+
+
+def snapshot(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def merge_args(root, out, *extra) -> list[str]:
+    return ["merge", "--method", "task_arithmetic", "--pretrained", str(root / "pre.safetensors"),
+            "--finetuned", str(root / "ft_a.safetensors"), str(root / "ft_b.safetensors"), "--out", str(out),
+            "--no-progress", *extra]
+
+
+def test_merge_refuses_an_out_that_contains_its_inputs_and_loses_nothing(project, capsys):
+    before = snapshot(project)
+    for extra in ((), ("--overwrite",)):
+        assert main(merge_args(project, project, *extra)) == 2
+        assert "is or contains the input" in capsys.readouterr().err
+    assert snapshot(project) == before
+
+
+def test_merge_refuses_a_foreign_non_empty_out_unless_told_to_overwrite(project, tmp_path, capsys):
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "paper.tex").write_text("draft")
+    assert main(merge_args(project, foreign)) == 2
+    assert "not empty" in capsys.readouterr().err and (foreign / "paper.tex").read_text() == "draft"
+    assert main(merge_args(project, foreign, "--overwrite")) == 0
+    assert (foreign / "merge.json").exists() and not (foreign / "paper.tex").exists()
+
+
+def test_merge_replaces_its_own_earlier_output(project, tmp_path):
+    out = tmp_path / "merged"
+    assert main(merge_args(project, out)) == 0
+    first = snapshot(out)
+    assert main(merge_args(project, out, "--alpha", "0.5")) == 0
+    assert snapshot(out).keys() == first.keys() and snapshot(out) != first
+
+
+def test_the_library_merge_guards_its_output_too(project):
+    with pytest.raises(OutputError, match="is or contains the input"):
+        merge_checkpoints("task_arithmetic", str(project / "pre.safetensors"),
+                          [str(project / "ft_a.safetensors")], str(project), progress=False)
+
+
+def test_extract_refuses_to_overwrite_its_input_file(project, capsys):
+    before = snapshot(project)
+    args = ["extract", "--pretrained", str(project / "pre.safetensors"), "--finetuned",
+            str(project / "ft_a.safetensors"), "--out", str(project / "ft_a.safetensors")]
+    assert main(args) == 2 and main([*args, "--overwrite"]) == 2
+    assert "is or contains the input" in capsys.readouterr().err
+    assert snapshot(project) == before
+
+
+def test_extract_refuses_a_foreign_file_but_replaces_its_own_vector(project, tmp_path):
+    args = ["extract", "--pretrained", str(project / "pre.safetensors"), "--finetuned",
+            str(project / "ft_a.safetensors"), "--out"]
+    assert main([*args, str(project / "notes.txt")]) == 2
+    assert (project / "notes.txt").read_text() == "my notes"
+    vector = tmp_path / "tau.safetensors"
+    assert main([*args, str(vector)]) == 0 and main([*args, str(vector)]) == 0
+    vector_dir = tmp_path / "tau"
+    assert main([*args, str(vector_dir)]) == 0 and main([*args, str(vector_dir)]) == 0
+
+
+def test_a_checkpoint_directory_write_never_deletes_foreign_files(tmp_path):
+    target = tmp_path / "backbone"
+    target.mkdir()
+    (target / "README.md").write_text("keep me")
+    with pytest.raises(OutputError, match="not empty"):
+        io.save_state_dict(tiny_state(0), target)
+    assert (target / "README.md").read_text() == "keep me"
+    io.save_state_dict(tiny_state(0), target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors"]

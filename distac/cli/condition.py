@@ -22,6 +22,7 @@ from distac.cli.extract import load_pretrained, set_threads
 from distac.conditioning import ConditioningResult, DistacConfig, condition
 from distac.errors import ConfigError
 from distac.merging.base import default_device
+from distac.outputs import guard_output
 from distac.vectors import TaskVector
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ def register(subparsers) -> None:
     parser.add_argument("--pretrained", required=True, help="θ_pre: model directory or checkpoint")
     parser.add_argument("--finetuned", required=True, help="the fine-tuned model directory (`distac finetune`)")
     parser.add_argument("--out", required=True, help="output directory (local or s3://)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds files distac did not write (never an input)")
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--kappa", type=float, help="norm scale κ of the anchor θ_pre + κτ")
     scale.add_argument("--target-norm", type=float, help="shrink τ to this norm (κ = min(1, target/‖τ‖))")
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from distac.models.store import load_task_model, save_task_model
 
     set_threads(args.threads)
+    guard_output(args.out, kind="conditioned", inputs=[args.pretrained, args.finetuned], overwrite=args.overwrite)
     config = config_from_args(args)
     loaded = load_task_model(args.finetuned)
     task_name = loaded.meta.get("task")

@@ -14,6 +14,7 @@ import torch
 from distac import io
 from distac.errors import ConfigError
 from distac.models import store
+from distac.outputs import guard_output
 from distac.vectors import LazyTaskVector
 
 
@@ -48,19 +49,23 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="task vector to write: directory, .safetensors or .pt")
     parser.add_argument("--include", nargs="+", metavar="RE", help="keep only keys matching one of these regexes")
     parser.add_argument("--exclude", nargs="+", metavar="RE", help="leave out keys matching one of these regexes")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds files distac did not write (never an input)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    guard_output(args.out, kind="checkpoint", inputs=[args.pretrained, args.finetuned], overwrite=args.overwrite)
     vector = LazyTaskVector.from_checkpoints(checkpoint_uri(args.pretrained), checkpoint_uri(args.finetuned),
                                              include=args.include, exclude=args.exclude)
     squared = 0.0
     if args.out.endswith((io.SAFETENSORS_SUFFIX, *io.TORCH_SUFFIXES)):
         tensors = dict(vector.items())
         squared = sum(float(t.double().pow(2).sum()) for t in tensors.values())
-        io.save_state_dict(tensors, args.out, metadata={"distac": "task_vector"})
+        io.save_state_dict(tensors, args.out, metadata={"distac": "task_vector"}, overwrite=args.overwrite)
     else:
-        with io.ShardedSafetensorsWriter(args.out, metadata={"distac": "task_vector"}) as writer:
+        with io.ShardedSafetensorsWriter(args.out, metadata={"distac": "task_vector"},
+                                         overwrite=args.overwrite) as writer:
             for key, tensor in vector.items():  # one tensor in memory at a time
                 squared += float(tensor.double().pow(2).sum())
                 writer.add(key, tensor)

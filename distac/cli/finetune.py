@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     model.add_argument("--model", help="shorthand for an hf_text encoder: 'minilm' (default) or a model id/path")
     parser.add_argument("--out", required=True, help="output directory or s3:// URI of the fine-tuned model")
     parser.add_argument("--pretrained-out", help="also save θ_pre (the pretrained backbone) here")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds files distac did not write (never an input)")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -60,11 +62,14 @@ def run(args: argparse.Namespace) -> int:
     from distac.data import load_task
     from distac.models import build_adapter
     from distac.models.store import save_pretrained, save_task_model
+    from distac.outputs import guard_output
     from distac.training import FinetuneRecipe, finetune
 
     from distac.cli.extract import set_threads
 
     set_threads(args.threads)
+    for out in filter(None, (args.out, args.pretrained_out)):  # before any work: never over foreign files
+        guard_output(out, kind="model", overwrite=args.overwrite)
     recipe = FinetuneRecipe(**{name: getattr(args, name) for name in RECIPE_FLAGS})
     task = load_task(args.task, root=args.data_root, max_train=args.max_train, max_eval=args.max_eval,
                      seed=args.seed)

@@ -74,7 +74,8 @@ def run_merge(args: argparse.Namespace) -> int:
     method = get_method(args.method, **hyperparameters_from_args(args.method, args.alpha, args.set))
     record = merge_checkpoints(method, args.pretrained, args.finetuned, args.out, include=args.include,
                                exclude=args.exclude, device=args.device, max_shard_bytes=args.shard_size,
-                               progress=not args.no_progress, write_model=not args.no_model)
+                               progress=not args.no_progress, write_model=not args.no_model,
+                               overwrite=args.overwrite)
     settings = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(method).items()) or "no hyperparameters"
     print(f"merged {record['num_tasks']} tasks over {record['num_tensors']} tensors with {method.name} "
           f"({settings}) into {args.out}")
@@ -85,7 +86,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def run_materialize(args: argparse.Namespace) -> int:
     materialize(args.merged, args.pretrained, args.task, args.out, max_shard_bytes=args.shard_size,
-                progress=not args.no_progress)
+                progress=not args.no_progress, overwrite=args.overwrite)
     print(f"wrote the model for task {args.task} to {args.out}")
     return 0
 
@@ -109,6 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="largest output shard, e.g. 2GB (default), 500MB")
     parser.add_argument("--no-model", action="store_true", help="write only the merged vector, not θ_pre + τ_m")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds files distac did not write (never an input)")
     parser.set_defaults(func=run_merge)
 
     parser = subparsers.add_parser("materialize", help="write the model one task is served with after a merge",
@@ -119,4 +122,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="model to write (directory, .safetensors or .pt)")
     parser.add_argument("--shard-size", type=parse_size, default=io.DEFAULT_SHARD_BYTES, help="largest shard")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds files distac did not write (never an input)")
     parser.set_defaults(func=run_materialize)

@@ -33,6 +33,7 @@ from distac import io
 from distac.errors import CheckpointError, ConfigError, MismatchError
 from distac.merging import Merged, MergeMethod, get_method
 from distac.merging.base import iter_merged
+from distac.outputs import guard_output
 from distac.vectors import LazyTaskVector, TaskVector
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,11 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 @contextlib.contextmanager
-def staged_directory(out_uri: str) -> Iterator[str]:
-    """A local directory to build OUT in; moved (or uploaded, merge.json last) to OUT only on success."""
+def staged_directory(out_uri: str, overwrite: bool = False) -> Iterator[str]:
+    """A local directory to build OUT in; moved (or uploaded, merge.json last) to OUT only on success.
+
+    OUT may hold an earlier merge (it is replaced); anything else is refused unless ``overwrite``."""
+    guard_output(out_uri, kind="merge", overwrite=overwrite)
     local = io.is_local(out_uri)
     final = io.url_to_fs(out_uri)[1] if local else None
     parent = os.path.dirname(os.path.abspath(final)) if final else None
@@ -101,7 +105,8 @@ def _upload(staging: str, out_uri: str) -> None:
 
 def write_served_model(pretrained: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor], out_uri: str,
                        mask: Mapping[str, torch.Tensor] | None = None, scale: float = 1.0,
-                       max_shard_bytes: int = io.DEFAULT_SHARD_BYTES, progress: bool = False) -> None:
+                       max_shard_bytes: int = io.DEFAULT_SHARD_BYTES, progress: bool = False,
+                       overwrite: bool = False) -> None:
     """Write θ_pre + scale · mask ⊙ vector over every pretrained key, one tensor at a time."""
     missing = [key for key in vector if key not in pretrained]
     if missing:
@@ -109,7 +114,8 @@ def write_served_model(pretrained: Mapping[str, torch.Tensor], vector: Mapping[s
     single_file = str(out_uri).endswith((io.SAFETENSORS_SUFFIX, *io.TORCH_SUFFIXES))
     collected: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
-        writer = None if single_file else stack.enter_context(io.ShardedSafetensorsWriter(out_uri, max_shard_bytes))
+        writer = None if single_file else stack.enter_context(
+            io.ShardedSafetensorsWriter(out_uri, max_shard_bytes, overwrite=overwrite))
         for key in tqdm(list(pretrained), desc="write model", unit="tensor", disable=not progress):
             tensor = pretrained[key]
             if key in vector:
@@ -125,17 +131,19 @@ def write_served_model(pretrained: Mapping[str, torch.Tensor], vector: Mapping[s
             else:
                 writer.add(key, tensor)
     if single_file:
-        io.save_state_dict(collected, out_uri)
+        io.save_state_dict(collected, out_uri, metadata={"distac": "model"})
 
 
 def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_uris: Sequence[str], out_uri: str,
                       include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                       device: torch.device | str | None = None, max_shard_bytes: int = io.DEFAULT_SHARD_BYTES,
-                      progress: bool = True, write_model: bool = True) -> dict[str, Any]:
+                      progress: bool = True, write_model: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Merge fine-tuned checkpoints tensor by tensor into OUT (layout in the module docstring).
 
+    OUT must not be or contain an input; it may hold an earlier merge, anything else only with ``overwrite``.
     Returns the record written to OUT/merge.json.
     """
+    guard_output(str(out_uri), kind="merge", inputs=[pretrained_uri, *finetuned_uris], overwrite=overwrite)
     method = get_method(method) if isinstance(method, str) else method
     if not finetuned_uris:
         raise ConfigError("merging needs at least one fine-tuned checkpoint")
@@ -147,7 +155,7 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
     num_tasks = len(vectors)
     log.info("merging %d checkpoints with %s over %d tensors on %s", num_tasks, method.name, len(vectors[0]), device)
 
-    with staged_directory(out_uri) as staging:
+    with staged_directory(out_uri, overwrite) as staging:
         with contextlib.ExitStack() as writers:
             vector_writer = writers.enter_context(
                 io.ShardedSafetensorsWriter(os.path.join(staging, VECTOR_DIR), max_shard_bytes))
@@ -207,8 +215,10 @@ def load_merged(out_uri: str) -> Merged:
 
 
 def materialize(out_uri: str, pretrained_uri: str, task_index: int, model_uri: str,
-                max_shard_bytes: int = io.DEFAULT_SHARD_BYTES, progress: bool = False) -> None:
+                max_shard_bytes: int = io.DEFAULT_SHARD_BYTES, progress: bool = False,
+                overwrite: bool = False) -> None:
     """Write the model task ``task_index`` is served with: θ_pre + τ_m (EMR: θ_pre + λ_i M_i ⊙ τ_uni)."""
+    guard_output(model_uri, kind="checkpoint", inputs=[out_uri, pretrained_uri], overwrite=overwrite)
     record = read_record(out_uri)
     if not 0 <= task_index < record["num_tasks"]:
         raise ConfigError(f"task index {task_index} is out of range: {out_uri} merged {record['num_tasks']} tasks")
@@ -218,4 +228,4 @@ def materialize(out_uri: str, pretrained_uri: str, task_index: int, model_uri: s
         mask = io.open_checkpoint(io.join_uri(out_uri, mask_dir(task_index)))
         scale = float(record["scales"][task_index])
     write_served_model(io.open_checkpoint(pretrained_uri), vector, model_uri, mask=mask, scale=scale,
-                       max_shard_bytes=max_shard_bytes, progress=progress)
+                       max_shard_bytes=max_shard_bytes, progress=progress, overwrite=overwrite)
