@@ -1,4 +1,5 @@
-"""``distac condition``: DisTaC on one fine-tuned model, with its task's training inputs as unlabeled data.
+"""``distac condition``: DisTaC on one fine-tuned model (a distac model directory or a Hugging Face
+checkpoint), with unlabeled inputs from ``--unlabeled FILE``, else its task's training inputs.
 
 Writes under OUT::
 
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from io import BytesIO
 
 import torch
 
 from distac import io
+from distac.cli.common import (add_data_arguments, add_dataclass_arguments, dataclass_from_args, data_specs,
+                               task_data)
 from distac.cli.extract import load_pretrained, set_threads
 from distac.conditioning import ConditioningResult, DistacConfig, condition
 from distac.errors import ConfigError
@@ -31,42 +35,55 @@ log = logging.getLogger(__name__)
 def register(subparsers) -> None:
     parser = subparsers.add_parser("condition", help="condition a task vector with DisTaC", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", required=True, help="θ_pre: model directory or checkpoint")
-    parser.add_argument("--finetuned", required=True, help="the fine-tuned model directory (`distac finetune`)")
+    parser.add_argument("--pretrained", required=True, help="θ_pre: distac or HF model directory, hub id, or checkpoint")
+    parser.add_argument("--finetuned", required=True,
+                        help="the fine-tuned model: a distac model directory or a Hugging Face checkpoint")
     parser.add_argument("--out", required=True, help="output directory (local or s3://)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out even if it holds files distac did not write (never an input)")
-    scale = parser.add_mutually_exclusive_group()
-    scale.add_argument("--kappa", type=float, help="norm scale κ of the anchor θ_pre + κτ")
-    scale.add_argument("--target-norm", type=float, help="shrink τ to this norm (κ = min(1, target/‖τ‖))")
-    defaults = DistacConfig()
-    parser.add_argument("--t-teacher", type=float, default=defaults.teacher_temperature, help="T_tcr")
-    parser.add_argument("--t-student", type=float, default=defaults.student_temperature,
-                        help="T_stu (> T_tcr sharpens a low-confidence model)")
-    parser.add_argument("--beta", type=float, default=defaults.beta, help="weight of β‖θ − θ_0‖²")
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="0 disables clipping")
-    parser.add_argument("--num-unlabeled", type=int, help="unlabeled training inputs to use (default: all)")
-    parser.add_argument("--log-every", type=int, default=defaults.log_every)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--no-teacher-cache", action="store_true",
-                        help="recompute the teacher on every step (the published code's behaviour; slower)")
-    parser.add_argument("--glue-dir", "--data-root", dest="data_root", help="GLUE directory or vision data root")
+    parser.add_argument("--unlabeled", metavar="FILE",
+                        help="inputs to condition on (.csv/.tsv/.jsonl/.parquet or a datasets directory; labels "
+                             "not needed) instead of the task's training inputs")
+    parser.add_argument("--text-column", default="text", help="text column of --unlabeled (default: text)")
+    parser.add_argument("--text-pair-column", help="second-sentence column of --unlabeled, for sentence pairs")
+    add_data_arguments(parser, several=False)
+    config = parser.add_argument_group("DisTaC (distac.conditioning.DistacConfig)")
+    parser.set_defaults(config_fields=add_dataclass_arguments(
+        config, DistacConfig,
+        aliases={"teacher_temperature": ["--t-teacher"], "student_temperature": ["--t-student"],
+                 "cache_teacher": ["--teacher-cache"]},
+        helps={"kappa": "norm scale κ of the anchor θ_pre + κτ",
+               "target_norm": "shrink τ to this norm (κ = min(1, target/‖τ‖)); exclusive with --kappa",
+               "teacher_temperature": "T_tcr", "student_temperature": "T_stu (> T_tcr sharpens a low-confidence model)",
+               "beta": "weight of β‖θ − θ_0‖²", "grad_clip": "0 disables clipping",
+               "num_unlabeled": "unlabeled inputs to use (default: all)",
+               "cache_teacher": "recompute the teacher on every step (the published code's behaviour; slower)"}))
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds files distac did not write (never an input)")
     parser.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> DistacConfig:
-    return DistacConfig(kappa=args.kappa, target_norm=args.target_norm, teacher_temperature=args.t_teacher,
-                        student_temperature=args.t_student, beta=args.beta, lr=args.lr,
-                        weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,
-                        grad_clip=args.grad_clip or None, num_unlabeled=args.num_unlabeled,
-                        log_every=args.log_every, seed=args.seed, cache_teacher=not args.no_teacher_cache)
+    return dataclass_from_args(DistacConfig, args, [f for f in args.config_fields if f != "grad_clip"],
+                               grad_clip=args.grad_clip or None)
+
+
+def unlabeled_inputs(args: argparse.Namespace, loaded) -> tuple[str, list]:
+    """(task name, unlabeled inputs): --unlabeled, else the training inputs of --data or the model's task."""
+    from distac.data import UnlabeledSpec, read_unlabeled
+    from distac.data.examples import subsample
+
+    if args.unlabeled:
+        inputs = read_unlabeled(UnlabeledSpec(path=args.unlabeled), args.text_column, args.text_pair_column)
+        task = loaded.task or os.path.basename(str(args.finetuned).rstrip("/"))
+        return task, subsample(inputs, args.num_unlabeled, f"unlabeled-{args.seed}")
+    spec = data_specs(args, 1)[0]
+    if spec is None and not loaded.task:
+        raise ConfigError(f"{args.finetuned} names no task, so there is no unlabeled data to use; give "
+                          "--unlabeled FILE (or --data)")
+    data = task_data(loaded, args.finetuned, spec, args)
+    return data.name, data.unlabeled(args.num_unlabeled, seed=args.seed)
 
 
 def plot_history(result: ConditioningResult, uri: str) -> bool:
@@ -101,20 +118,19 @@ def plot_history(result: ConditioningResult, uri: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distac.data import load_task
-    from distac.models.store import load_task_model, save_task_model
+    from distac.models.resolve import load_model
+    from distac.models.store import save_task_model
+
+    from distac.models.hf_seqcls import quiet_transformers
 
     set_threads(args.threads)
+    quiet_transformers(progress=not args.no_progress)
     guard_output(args.out, kind="conditioned", inputs=[args.pretrained, args.finetuned], overwrite=args.overwrite)
     config = config_from_args(args)
-    loaded = load_task_model(args.finetuned)
-    task_name = loaded.meta.get("task")
-    if not task_name:
-        raise ConfigError(f"{args.finetuned}: meta.json names no task, so there is no unlabeled data to use")
-    pretrained = load_pretrained(args.pretrained)
+    loaded = load_model(args.finetuned, args.pretrained)
+    pretrained = load_pretrained(args.pretrained, list(loaded.model.backbone_state()))
     vector = TaskVector.from_state_dicts(pretrained, loaded.model.backbone_state())
-    data = load_task(task_name, root=args.data_root, seed=args.seed)
-    unlabeled = data.unlabeled(args.num_unlabeled, seed=args.seed)
+    task_name, unlabeled = unlabeled_inputs(args, loaded)
     device = torch.device(args.device) if args.device else default_device()
     model = loaded.model.to(device)
 
@@ -127,12 +143,12 @@ def run(args: argparse.Namespace) -> int:
     extra = {**loaded.meta.get("extra", {}), "distac": {k: v for k, v in result.to_dict().items() if k != "history"},
              "source": str(args.finetuned)}
     save_task_model(io.join_uri(out, "model"), model.cpu(), loaded.adapter, task_name, loaded.meta["num_classes"],
-                    loaded.meta.get("class_names"), extra=extra)
+                    loaded.class_names or None, extra=extra)
     io.write_json(result.to_dict(), io.join_uri(out, "history.json"))
     plotted = plot_history(result, io.join_uri(out, "history.png"))
     last = result.history[-1] if result.history else {}
     print(f"DisTaC on {task_name}: κ={result.kappa:.4g}, ‖τ‖ {result.original_norm:.4g} → ‖τ'‖ "
-          f"{result.final_norm:.4g} in {config.steps} steps"
+          f"{result.final_norm:.4g} in {config.steps} steps on {len(unlabeled)} unlabeled inputs"
           + (f", teacher agreement {last['teacher_agreement']:.3f}" if last else "")
           + f"; saved to {out}" + ("" if plotted else " (no plot)"))
     return 0

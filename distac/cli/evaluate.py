@@ -1,6 +1,8 @@
 """``distac evaluate``: accuracy of the fine-tuned source models, and of a merge with normalized accuracy.
 
-- ``--finetuned FT...``: each model on its own task.
+- ``--finetuned FT...``: each model (distac model directory or Hugging Face checkpoint) on its own task: the
+  task in its meta.json, or ``--data`` (a built-in task or a data spec file per model; a checkpoint's
+  ``id2label`` orders the classes and is checked against the data).
 - ``+ --merged OUT --pretrained PRE``: the output of `distac merge` over the same models, in the same order;
   task i is served with θ_pre + merge-for-task-i and FT_i's head. Normalized accuracy divides by FT_i's.
 - ``+ --method M --pretrained PRE [--alpha A | --search-alpha]``: merge the models' task vectors with M here;
@@ -10,10 +12,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from distac import io
+from distac.cli.common import add_data_arguments
 from distac.cli.extract import load_pretrained, set_threads
 from distac.errors import ConfigError
 from distac.evaluation import (DEFAULT_ALPHA_GRID, MergedEvaluation, evaluate_merged, evaluate_task,
@@ -24,8 +26,10 @@ from distac.vectors import TaskVector
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="accuracy of fine-tuned models and of merges",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned model directories, in merge order")
-    parser.add_argument("--pretrained", help="θ_pre: model directory or checkpoint (needed for merges)")
+    parser.add_argument("--finetuned", required=True, nargs="+",
+                        help="fine-tuned models (distac model directories or Hugging Face checkpoints), in merge order")
+    parser.add_argument("--pretrained", help="θ_pre: distac or HF model directory, hub id, or checkpoint "
+                                             "(needed for merges)")
     parser.add_argument("--merged", help="output directory of `distac merge`")
     parser.add_argument("--method", help="merge method to run here (with --search-alpha or --alpha)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -36,7 +40,7 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default="test", choices=["validation", "test"])
     parser.add_argument("--max-eval", type=int, help="seeded subsample of the validation and test splits")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--glue-dir", "--data-root", dest="data_root", help="GLUE directory or vision data root")
+    add_data_arguments(parser, several=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -55,18 +59,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distac.cli.merge import hyperparameters_from_args
-    from distac.data import load_task
     from distac.merging import merge
     from distac.merging.streaming import load_merged, read_record
-    from distac.models.store import load_task_model
+    from distac.cli.common import data_specs, load_models, task_data
 
     _check_args(args)
     set_threads(args.threads)
-    loaded = [load_task_model(uri) for uri in args.finetuned]
-    specs = {json.dumps(m.adapter.spec(), sort_keys=True) for m in loaded}
-    if len(specs) > 1:
-        raise ConfigError(f"the fine-tuned models come from different model families: {sorted(specs)}")
-    tasks = [load_task(m.meta["task"], root=args.data_root, max_eval=args.max_eval, seed=args.seed) for m in loaded]
+    loaded = load_models(args.finetuned, args.pretrained)
+    tasks = [task_data(m, uri, spec, args, max_eval=args.max_eval)
+             for m, uri, spec in zip(loaded, args.finetuned, data_specs(args, len(loaded)))]
     adapter = loaded[0].adapter
     rows = [{"model": uri, "task": task.name,
              "accuracy": evaluate_task(model.model, getattr(task, args.split), adapter.collate, task=task.name,
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     evaluation: MergedEvaluation | None = None
     heads = [m.model.head_state() for m in loaded]
     if args.merged or args.method:
-        pretrained = load_pretrained(args.pretrained)
+        pretrained = load_pretrained(args.pretrained, list(loaded[0].model.backbone_state()))
         options = dict(split=args.split, finetuned_accuracy=finetuned, batch_size=args.batch_size, device=args.device)
         if args.merged:
             merged = load_merged(args.merged)

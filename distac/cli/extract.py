@@ -1,8 +1,9 @@
 """``distac extract``: the task vector τ = θ_ft − θ_pre of one fine-tuned model, streamed tensor by tensor.
 
-PRE and FT are distac model directories (``distac finetune`` output: the backbone is used) or raw
-checkpoints (safetensors file or directory, index JSON, .pt/.bin), local or s3://. The helpers here also
-serve the other DisTaC commands.
+PRE and FT may be any model form, local or s3://: distac model directories (``distac finetune`` output: the
+backbone is used), Hugging Face checkpoints (directory or cached hub id: the encoder, without pooler and
+classifier) or raw checkpoints (safetensors file or directory, index JSON, .pt/.bin). θ_pre is checked
+against FT before any work. The helpers here also serve the other DisTaC commands.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ def checkpoint_uri(uri: str) -> str:
     return store.backbone_uri(uri) if is_model_dir(uri) else str(uri)
 
 
-def load_pretrained(uri: str) -> dict[str, torch.Tensor]:
-    """θ_pre from a model directory (``save_pretrained`` / ``--pretrained-out``) or a raw checkpoint."""
-    return io.load_state_dict(checkpoint_uri(uri))
+def load_pretrained(uri: str, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """θ_pre's backbone (optionally only ``keys``) from any model form."""
+    from distac.models.resolve import load_pretrained_state
+
+    return load_pretrained_state(uri, keys)
 
 
 def set_threads(threads: int | None) -> None:
@@ -44,8 +47,8 @@ def set_threads(threads: int | None) -> None:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("extract", help="write the task vector of a fine-tuned model",
                                    description=__doc__)
-    parser.add_argument("--pretrained", required=True, help="θ_pre: model directory or checkpoint")
-    parser.add_argument("--finetuned", required=True, help="fine-tuned model directory or checkpoint")
+    parser.add_argument("--pretrained", required=True, help="θ_pre: model directory, HF checkpoint or checkpoint file")
+    parser.add_argument("--finetuned", required=True, help="fine-tuned model: distac or HF directory, or checkpoint")
     parser.add_argument("--out", required=True, help="task vector to write: directory, .safetensors or .pt")
     parser.add_argument("--include", nargs="+", metavar="RE", help="keep only keys matching one of these regexes")
     parser.add_argument("--exclude", nargs="+", metavar="RE", help="leave out keys matching one of these regexes")
@@ -56,8 +59,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     guard_output(args.out, kind="checkpoint", inputs=[args.pretrained, args.finetuned], overwrite=args.overwrite)
-    vector = LazyTaskVector.from_checkpoints(checkpoint_uri(args.pretrained), checkpoint_uri(args.finetuned),
-                                             include=args.include, exclude=args.exclude)
+    from distac.models.resolve import paired_backbones
+
+    pretrained, (finetuned,) = paired_backbones(args.pretrained, [args.finetuned])
+    vector = LazyTaskVector(pretrained, finetuned, include=args.include, exclude=args.exclude, name=args.finetuned)
     squared = 0.0
     if args.out.endswith((io.SAFETENSORS_SUFFIX, *io.TORCH_SUFFIXES)):
         tensors = dict(vector.items())

@@ -7,13 +7,11 @@ import json
 import logging
 import time
 
+from distac.cli.common import add_dataclass_arguments, dataclass_from_args, read_data_spec
 from distac.errors import ConfigError
+from distac.training import SCHEDULES, FinetuneRecipe
 
 logger = logging.getLogger(__name__)
-
-RECIPE_FLAGS = ("lr", "steps", "batch_size", "weight_decay", "warmup_fraction", "schedule", "label_smoothing",
-                "mixup_alpha", "focal_gamma", "grad_clip", "seed")
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("finetune", help="fine-tune a model on a task and save it",
@@ -26,19 +24,13 @@ def register(subparsers) -> None:
     parser.add_argument("--pretrained-out", help="also save θ_pre (the pretrained backbone) here")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out even if it holds files distac did not write (never an input)")
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--warmup-fraction", type=float, default=0.06)
-    parser.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    parser.add_argument("--label-smoothing", type=float, default=0.0)
-    parser.add_argument("--mixup-alpha", type=float, default=0.0)
-    parser.add_argument("--focal-gamma", type=float, default=0.0)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    recipe = parser.add_argument_group("recipe (distac.training.FinetuneRecipe)")
+    parser.set_defaults(recipe_fields=add_dataclass_arguments(recipe, FinetuneRecipe, choices={"schedule": SCHEDULES},
+                                                              helps={"grad_clip": "0 disables clipping"}))
     parser.add_argument("--max-train", type=int, help="seeded subsample of the training split")
     parser.add_argument("--max-eval", type=int, help="seeded subsample of the validation and test splits")
+    parser.add_argument("--data", metavar="SPEC", help="a YAML/JSON data spec file (train/test files, columns; "
+                                                       "docs/own-models.md) for a task of your own named by --task")
     parser.add_argument("--glue-dir", "--data-root", dest="data_root",
                         help="GLUE directory (or torchvision data root)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
@@ -59,20 +51,25 @@ def model_spec(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distac.data import load_task
+    from distac.data import load_task, load_task_data
     from distac.models import build_adapter
     from distac.models.store import save_pretrained, save_task_model
     from distac.outputs import guard_output
-    from distac.training import FinetuneRecipe, finetune
+    from distac.training import finetune
 
     from distac.cli.extract import set_threads
 
     set_threads(args.threads)
     for out in filter(None, (args.out, args.pretrained_out)):  # before any work: never over foreign files
         guard_output(out, kind="model", overwrite=args.overwrite)
-    recipe = FinetuneRecipe(**{name: getattr(args, name) for name in RECIPE_FLAGS})
-    task = load_task(args.task, root=args.data_root, max_train=args.max_train, max_eval=args.max_eval,
-                     seed=args.seed)
+    recipe = dataclass_from_args(FinetuneRecipe, args, [f for f in args.recipe_fields if f != "grad_clip"],
+                                 grad_clip=args.grad_clip or None)
+    if args.data:
+        task = load_task_data(args.task, read_data_spec(args.data), max_train=args.max_train, max_eval=args.max_eval,
+                              seed=args.seed)
+    else:
+        task = load_task(args.task, root=args.data_root, max_train=args.max_train, max_eval=args.max_eval,
+                         seed=args.seed)
     adapter = build_adapter(model_spec(args))
     logger.info("fine-tuning %s on %s with %s", adapter.spec(), task, recipe)
     started = time.perf_counter()

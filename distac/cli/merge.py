@@ -71,8 +71,11 @@ def hyperparameters_from_args(method_name: str, alpha: float | None, settings: l
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from distac.models.resolve import paired_backbones
+
     method = get_method(args.method, **hyperparameters_from_args(args.method, args.alpha, args.set))
-    record = merge_checkpoints(method, args.pretrained, args.finetuned, args.out, include=args.include,
+    pretrained, finetuned = paired_backbones(args.pretrained, args.finetuned)  # any model form; checked up front
+    record = merge_checkpoints(method, pretrained, finetuned, args.out, include=args.include,
                                exclude=args.exclude, device=args.device, max_shard_bytes=args.shard_size,
                                progress=not args.no_progress, write_model=not args.no_model,
                                overwrite=args.overwrite)
@@ -85,8 +88,10 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_materialize(args: argparse.Namespace) -> int:
-    materialize(args.merged, args.pretrained, args.task, args.out, max_shard_bytes=args.shard_size,
-                progress=not args.no_progress, overwrite=args.overwrite)
+    from distac.models.resolve import backbone_checkpoint
+
+    materialize(args.merged, backbone_checkpoint(args.pretrained), args.task, args.out,
+                max_shard_bytes=args.shard_size, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"wrote the model for task {args.task} to {args.out}")
     return 0
 
@@ -97,8 +102,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Stream fine-tuned checkpoints through a merge method; writes OUT/vector, OUT/model "
                     "(not for emr), OUT/masks (emr) and OUT/merge.json. Methods: " + ", ".join(sorted(METHODS)))
     parser.add_argument("--method", required=True, help="merge method: " + ", ".join(sorted(METHODS)))
-    parser.add_argument("--pretrained", required=True, help="pretrained checkpoint (file, directory or s3:// URI)")
-    parser.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned checkpoints, one per task")
+    parser.add_argument("--pretrained", required=True,
+                        help="θ_pre: distac model directory, Hugging Face directory or hub id, or checkpoint "
+                             "(file, directory or s3:// URI)")
+    parser.add_argument("--finetuned", required=True, nargs="+",
+                        help="fine-tuned models, one per task, in any of those forms")
     parser.add_argument("--out", required=True, help="output directory (local or s3://)")
     parser.add_argument("--alpha", type=float, help="scaling coefficient α (methods that have one)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

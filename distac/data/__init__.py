@@ -1,4 +1,5 @@
-"""Task data: ``load_task(name)`` for GLUE tasks, torchvision datasets and image folders.
+"""Task data: ``load_task(name)`` for GLUE tasks, torchvision datasets and image folders;
+``load_task_data(name, DataSpec(...))`` for any task from .csv/.tsv/.jsonl/.parquet files or ``datasets``.
 
 Splits: validation is a seeded hold-out of train; test is GLUE's dev file (its test labels are hidden) or
 the vision dataset's test split. ``max_train`` / ``max_eval`` take seeded subsamples, so the same
@@ -11,11 +12,14 @@ import os
 
 from distac.data.examples import (DatasetView, ImageExample, TaskData, TextExample, split_off, subsample,
                                   unlabeled)
+from distac.data.files import DataError, read_rows
+from distac.data.spec import DataSpec, UnlabeledSpec, load_task_data, load_tasks, parse_data_spec, read_unlabeled
 from distac.data.glue import GLUE_TASKS, find_glue_root, glue_task_name, read_glue_from_hub, read_glue_splits
 from distac.data.vision import read_image_folder, read_torchvision
 from distac.errors import DistacError
 
-__all__ = ["DatasetView", "ImageExample", "TaskData", "TextExample", "GLUE_TASKS", "load_task", "unlabeled"]
+__all__ = ["DataError", "DataSpec", "DatasetView", "ImageExample", "TaskData", "TextExample", "GLUE_TASKS",
+           "UnlabeledSpec", "load_task", "load_task_data", "load_tasks", "parse_data_spec", "read_rows", "read_unlabeled", "unlabeled"]
 
 VISION_PREFIX = "vision:"
 IMAGE_FOLDER_PREFIX = "imagefolder:"

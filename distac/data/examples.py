@@ -103,7 +103,11 @@ def split_off(items: Sequence[Example], fraction: float, seed: int | str
 
 @dataclass
 class TaskData:
-    """A classification task: its splits, class count and class names (index = label)."""
+    """A classification task: its splits, class count and class names (index = label).
+
+    ``unlabeled_pool``: the inputs DisTaC conditions on when they are not this task's training inputs (a
+    file of unlabeled inputs, or another task's inputs as surrogate data); None means the training inputs.
+    """
 
     name: str
     train: Sequence[Example]
@@ -111,11 +115,14 @@ class TaskData:
     test: Sequence[Example]
     num_classes: int
     class_names: list[str]
+    unlabeled_pool: Sequence[Example] | None = None
 
     def unlabeled(self, n: int | None = None, seed: int = 0) -> list[Example]:
-        """Up to ``n`` training examples (seeded choice, all when None) with their labels removed."""
-        return unlabeled(subsample(self.train, n, f"unlabeled-{seed}"))
+        """Up to ``n`` unlabeled inputs (seeded choice, all when None): the pool, else the training inputs."""
+        source = self.train if self.unlabeled_pool is None else self.unlabeled_pool
+        return unlabeled(subsample(source, n, f"unlabeled-{seed}"))
 
     def __repr__(self) -> str:
         return (f"TaskData({self.name!r}, train={len(self.train)}, validation={len(self.validation)}, "
-                f"test={len(self.test)}, classes={self.class_names})")
+                f"test={len(self.test)}, classes={self.class_names}"
+                + ("" if self.unlabeled_pool is None else f", unlabeled={len(self.unlabeled_pool)}") + ")")

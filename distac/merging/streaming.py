@@ -141,6 +141,7 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
     """Merge fine-tuned checkpoints tensor by tensor into OUT (layout in the module docstring).
 
     OUT must not be or contain an input; it may hold an earlier merge, anything else only with ``overwrite``.
+    Inputs may also be lazy mappings (``distac.models.resolve.backbone_checkpoint`` views of any model form).
     Returns the record written to OUT/merge.json.
     """
     guard_output(str(out_uri), kind="merge", inputs=[pretrained_uri, *finetuned_uris], overwrite=overwrite)
@@ -149,8 +150,9 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
         raise ConfigError("merging needs at least one fine-tuned checkpoint")
     device = resolve_device(device)
     out_uri = str(out_uri).rstrip("/")
-    pretrained = io.open_checkpoint(pretrained_uri)
-    vectors = [LazyTaskVector(pretrained, io.open_checkpoint(uri), include, exclude, name=str(uri))
+    pretrained = pretrained_uri if isinstance(pretrained_uri, Mapping) else io.open_checkpoint(pretrained_uri)
+    vectors = [LazyTaskVector(pretrained, uri if isinstance(uri, Mapping) else io.open_checkpoint(uri),
+                              include, exclude, name=str(uri))
                for uri in finetuned_uris]
     num_tasks = len(vectors)
     log.info("merging %d checkpoints with %s over %d tensors on %s", num_tasks, method.name, len(vectors[0]), device)
@@ -227,5 +229,6 @@ def materialize(out_uri: str, pretrained_uri: str, task_index: int, model_uri: s
     if record["per_task"]:
         mask = io.open_checkpoint(io.join_uri(out_uri, mask_dir(task_index)))
         scale = float(record["scales"][task_index])
-    write_served_model(io.open_checkpoint(pretrained_uri), vector, model_uri, mask=mask, scale=scale,
+    pretrained = pretrained_uri if isinstance(pretrained_uri, Mapping) else io.open_checkpoint(pretrained_uri)
+    write_served_model(pretrained, vector, model_uri, mask=mask, scale=scale,
                        max_shard_bytes=max_shard_bytes, progress=progress, overwrite=overwrite)

@@ -14,9 +14,9 @@ from typing import Any
 from distac.errors import ConfigError
 from distac.models.base import ModelAdapter, TaskModel
 
-__all__ = ["ModelAdapter", "TaskModel", "build_adapter", "ADAPTER_KINDS"]
+__all__ = ["ModelAdapter", "TaskModel", "build_adapter", "load_model", "ADAPTER_KINDS"]
 
-ADAPTER_KINDS = ("hf_text", "open_clip")
+ADAPTER_KINDS = ("hf_text", "hf_seqcls", "open_clip")
 _ADAPTERS: dict[str, ModelAdapter] = {}
 
 
@@ -25,6 +25,10 @@ def _adapter_class(kind: str) -> type[ModelAdapter]:
         from distac.models.text import HFTextAdapter
 
         return HFTextAdapter
+    if kind == "hf_seqcls":
+        from distac.models.hf_seqcls import HFSequenceClassificationAdapter
+
+        return HFSequenceClassificationAdapter
     if kind == "open_clip":
         from distac.models.vision import OpenCLIPAdapter
 
@@ -52,3 +56,10 @@ def build_adapter(spec: Mapping[str, Any]) -> ModelAdapter:
 def clear_adapter_cache() -> None:
     """Forget cached adapters (frees their pretrained weights)."""
     _ADAPTERS.clear()
+
+
+def load_model(uri: Any, pretrained: Any = None, **options: Any) -> Any:
+    """Any supported fine-tuned model as ``LoadedModel`` (see ``distac.models.resolve.load_model``)."""
+    from distac.models.resolve import load_model as _load_model
+
+    return _load_model(uri, pretrained, **options)

@@ -36,6 +36,15 @@ class LoadedModel:
     model: TaskModel
     meta: dict[str, Any]
 
+    @property
+    def class_names(self) -> list[str]:
+        """The label names in class-index order ([] when the model does not know them)."""
+        return list(self.meta.get("class_names") or [])
+
+    @property
+    def task(self) -> str | None:
+        return self.meta.get("task") or None
+
 
 def backbone_uri(uri: str | os.PathLike) -> str:
     """Where a stored model's backbone lives (the path ``TaskVector.from_checkpoints`` takes)."""

@@ -1,0 +1,289 @@
+"""A task's data described by files or a ``datasets`` dataset instead of a built-in name: ``DataSpec``.
+
+```python
+spec = DataSpec(train="data/reviews_train.csv", test="data/reviews_test.csv", text="review", label="stars")
+task = load_task_data("reviews", spec)          # a TaskData, like load_task("sst2")
+```
+
+Labels may be strings or integers (a CSV column whose every value is an integer is read as integers). Class
+names are ``class_names`` when given (a fine-tuned checkpoint's ``id2label`` is passed the same way), else
+the sorted distinct training labels; class i is the i-th name. Every label of the validation and test
+splits must be one of them. ``unlabeled`` replaces the training inputs DisTaC conditions on: a file of
+inputs (labels not needed) or ``{from_task: other}``, another task's training inputs (surrogate data).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distac.data.examples import TaskData, TextExample, split_off, subsample, unlabeled
+from distac.data.files import DataError, check_columns, is_dataset_dir, read_hub_split, read_rows
+
+SPLITS = ("train", "validation", "test")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UnlabeledSpec(_Spec):
+    """Inputs without labels for DisTaC: a file (``path``) or another task's training inputs (``from_task``)."""
+
+    path: str | None = None
+    from_task: str | None = None
+    text: str | None = Field(None, description="text column of `path` (default: the task's `text`)")
+    text_pair: str | None = Field(None, description="second-sentence column of `path` (default: the task's)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "UnlabeledSpec":
+        if (self.path is None) == (self.from_task is None):
+            raise ValueError("unlabeled: give exactly one of `path` and `from_task`")
+        if self.from_task is not None and (self.text or self.text_pair):
+            raise ValueError("unlabeled: `text`/`text_pair` apply to `path` only, not to `from_task`")
+        return self
+
+
+class DataSpec(_Spec):
+    """Where a task's examples are and which columns hold them.
+
+    Files: ``train``/``test`` (required) and ``validation`` (optional: otherwise a seeded hold-out of train),
+    each a .csv/.tsv/.jsonl/.parquet file (local or s3://) or a ``save_to_disk`` directory of one split.
+    Or ``dataset``: a ``save_to_disk`` DatasetDict directory or a Hugging Face hub id (read from the local
+    cache), with ``config`` and the split names in ``splits``.
+    """
+
+    train: str | None = None
+    test: str | None = None
+    validation: str | None = None
+    dataset: str | None = None
+    config: str | None = None
+    splits: dict[str, str] = Field(default_factory=lambda: {"train": "train", "test": "test"})
+    text: str = "text"
+    text_pair: str | None = None
+    label: str = "label"
+    class_names: list[str] | None = None
+    unlabeled: UnlabeledSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unlabeled_shorthand(cls, values: Any) -> Any:
+        if isinstance(values, Mapping) and isinstance(values.get("unlabeled"), (str, os.PathLike)):
+            values = {**values, "unlabeled": {"path": str(values["unlabeled"])}}
+        return values
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DataSpec":
+        if self.dataset is None:
+            missing = [name for name in ("train", "test") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"data: {' and '.join(missing)} missing (give the files, or `dataset`)")
+        else:
+            given = [name for name in SPLITS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"data: give `dataset` with `splits`, or files, not both (got {given})")
+            unknown = sorted(set(self.splits) - set(SPLITS))
+            if unknown or not {"train", "test"} <= set(self.splits):
+                raise ValueError(f"data.splits needs 'train' and 'test' (and optionally 'validation'), "
+                                 f"got {sorted(self.splits)}")
+        if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"data.class_names has duplicates: {self.class_names}")
+        return self
+
+
+def parse_data_spec(raw: Any, where: str = "data") -> DataSpec:
+    """A DataSpec from a mapping (params.yaml's ``data:``, a spec file); errors name ``where`` and the field."""
+    if isinstance(raw, DataSpec):
+        return raw
+    try:
+        return DataSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'data'}: {e['msg']}" for e in exc.errors())
+        raise DataError(f"{where}: invalid data spec ({problems})") from None
+
+
+# --------------------------------------------------------------------------------------------- rows → examples
+
+
+def _split_rows(spec: DataSpec, split: str) -> tuple[list[dict[str, Any]], str] | None:
+    """(rows, source name) of one split, or None when the spec does not give it."""
+    if spec.dataset is None:
+        uri = getattr(spec, split)
+        return None if uri is None else (read_rows(uri), uri)
+    name = spec.splits.get(split)
+    if name is None:
+        return None
+    if is_dataset_dir(spec.dataset):
+        from distac.data.files import read_dataset_dir
+
+        return read_dataset_dir(spec.dataset, name), f"{spec.dataset} (split {name!r})"
+    source = f"hub dataset {spec.dataset}" + (f"/{spec.config}" if spec.config else "") + f" (split {name!r})"
+    return read_hub_split(spec.dataset, spec.config, name), source
+
+
+def _text(row: Mapping[str, Any], column: str, field: str, source: str, number: int) -> str | None:
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and value == "" and field == "text_pair"):
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{source}, row {number}: column {column!r} (the {field} column) holds "
+                        f"{type(value).__name__} {value!r}, not text")
+    return value
+
+
+def rows_to_inputs(rows: Sequence[Mapping[str, Any]], source: str, text: str, text_pair: str | None
+                   ) -> list[tuple[str, str | None]]:
+    """(text_a, text_b) per row; every row is a single sentence, or every row a pair."""
+    if not rows:
+        raise DataError(f"{source} has no rows (an empty split)")
+    check_columns(rows, {"text": text, "text_pair": text_pair}, source)
+    inputs = []
+    for number, row in enumerate(rows, start=1):
+        text_a = _text(row, text, "text", source, number)
+        if text_a is None:
+            raise DataError(f"{source}, row {number}: column {text!r} (the text column) is empty")
+        text_b = _text(row, text_pair, "text_pair", source, number) if text_pair else None
+        if text_pair and text_b is None:
+            raise DataError(f"{source}, row {number}: column {text_pair!r} (the text_pair column) is empty, "
+                            "but the other rows are sentence pairs (rows may not mix single sentences and pairs)")
+        inputs.append((text_a, text_b))
+    return inputs
+
+
+def _raw_label(row: Mapping[str, Any], column: str, source: str, number: int) -> int | str:
+    value = row.get(column)
+    if isinstance(value, bool) or value is None or value == "":
+        raise DataError(f"{source}, row {number}: column {column!r} (the label column) is "
+                        f"{'empty' if value in (None, '') else repr(value)}")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, (int, str)):
+        raise DataError(f"{source}, row {number}: label {value!r} in column {column!r} is neither text nor "
+                        "an integer")
+    return value
+
+
+def _as_integers(labels: list[int | str]) -> list[int | str]:
+    """Integer labels when every label is an integer or spells one (CSV reads everything as text)."""
+    try:
+        return [label if isinstance(label, int) else int(label.strip()) for label in labels]
+    except ValueError:
+        return [str(label) for label in labels]
+
+
+def class_order(train_labels: Sequence[int | str], given: Sequence[str] | None) -> tuple[list[str], dict]:
+    """Class names and the map raw label → class index: ``given`` names, else the sorted distinct labels.
+
+    With given names, integer labels are class indices and text labels are names.
+    """
+    if given is not None:
+        names = [str(name) for name in given]
+        index: dict = {name: i for i, name in enumerate(names)}
+        index.update({i: i for i in range(len(names))})
+        return names, index
+    distinct = sorted(set(train_labels))
+    return [str(label) for label in distinct], {label: i for i, label in enumerate(distinct)}
+
+
+def _labels(rows: Sequence[Mapping[str, Any]], column: str, source: str) -> list[int | str]:
+    check_columns(rows, {"label": column}, source)
+    return [_raw_label(row, column, source, number) for number, row in enumerate(rows, start=1)]
+
+
+def _to_examples(inputs: list[tuple[str, str | None]], labels: list[int | str], index: Mapping, names: list[str],
+                 source: str, column: str, reference: str) -> list[TextExample]:
+    examples = []
+    for number, ((text_a, text_b), label) in enumerate(zip(inputs, labels), start=1):
+        if label not in index:
+            raise DataError(f"{source}, row {number}: label {label!r} in column {column!r} is not one of the "
+                            f"{len(names)} classes of {reference} ({names})")
+        examples.append(TextExample(text_a, text_b, index[label]))
+    return examples
+
+
+def read_unlabeled(spec: UnlabeledSpec, text: str, text_pair: str | None) -> list[TextExample]:
+    """The inputs of an unlabeled file (a label column, if any, is ignored)."""
+    rows = read_rows(spec.path)
+    inputs = rows_to_inputs(rows, spec.path, spec.text or text, spec.text_pair or (None if spec.text else text_pair))
+    return [TextExample(a, b, None) for a, b in inputs]
+
+
+def load_task_data(name: str, spec: DataSpec | Mapping[str, Any], *, class_names: Sequence[str] | None = None,
+                   max_train: int | None = None, max_eval: int | None = None, validation_fraction: float = 0.1,
+                   seed: int = 0, other_tasks: Mapping[str, TaskData] | None = None) -> TaskData:
+    """A task's splits from the files or dataset of ``spec`` (subsampling and hold-out as ``load_task``).
+
+    ``class_names`` (e.g. a checkpoint's ``id2label`` names) override ``spec.class_names``.
+    ``other_tasks`` resolves ``unlabeled: {from_task: ...}``.
+    """
+    spec = parse_data_spec(spec, f"task {name!r}")
+    for field, value in (("max_train", max_train), ("max_eval", max_eval)):
+        if value is not None and value < 1:
+            raise DataError(f"{field} must be ≥ 1 (or None for all), got {value}")
+    loaded = {split: _split_rows(spec, split) for split in SPLITS}
+    train_rows, train_source = loaded["train"]
+    train_inputs = rows_to_inputs(train_rows, train_source, spec.text, spec.text_pair)
+    train_labels = _as_integers(_labels(train_rows, spec.label, train_source))
+    given = class_names if class_names is not None else spec.class_names
+    names, index = class_order(train_labels, given)
+    reference = "the class names given" if given is not None else f"the training split ({train_source})"
+    train = _to_examples(train_inputs, train_labels, index, names, train_source, spec.label, reference)
+    splits = {}
+    for split in ("validation", "test"):
+        if loaded[split] is None:
+            continue
+        rows, source = loaded[split]
+        labels = _labels(rows, spec.label, source)
+        labels = _as_integers(labels) if all(isinstance(x, int) for x in train_labels) else [str(x) for x in labels]
+        splits[split] = _to_examples(rows_to_inputs(rows, source, spec.text, spec.text_pair), labels, index, names,
+                                     source, spec.label, reference)
+    if "validation" in splits:
+        validation = splits["validation"]
+    else:
+        train, validation = split_off(train, validation_fraction, f"{name}-validation-{seed}")
+    pool = None
+    if spec.unlabeled is not None and spec.unlabeled.path is not None:
+        pool = read_unlabeled(spec.unlabeled, spec.text, spec.text_pair)
+    elif spec.unlabeled is not None:
+        source_task = (other_tasks or {}).get(spec.unlabeled.from_task)
+        if source_task is None:
+            raise DataError(f"task {name!r}: unlabeled.from_task names {spec.unlabeled.from_task!r}, which is not "
+                            f"among the loaded tasks {sorted(other_tasks or {})}")
+        pool = unlabeled(source_task.train)
+    return TaskData(
+        name=name,
+        train=subsample(train, max_train, f"{name}-train-{seed}"),
+        validation=subsample(validation, max_eval, f"{name}-validation-sample-{seed}"),
+        test=subsample(splits["test"], max_eval, f"{name}-test-{seed}"),
+        num_classes=len(names),
+        class_names=names,
+        unlabeled_pool=pool,
+    )
+
+
+def load_tasks(specs: Mapping[str, DataSpec | Mapping[str, Any] | None], **options: Any) -> dict[str, TaskData]:
+    """Several tasks at once, so ``unlabeled: {from_task: other}`` can name any of them.
+
+    A None spec means a built-in task (``load_task(name)``). ``options`` go to both loaders; per-task
+    class names go in ``class_names={task: [...]}``.
+    """
+    from distac.data import load_task
+
+    class_names = options.pop("class_names", None) or {}
+    parsed = {name: None if spec is None else parse_data_spec(spec, f"task {name!r}") for name, spec in specs.items()}
+    tasks: dict[str, TaskData] = {}
+    deferred = []
+    for name, spec in parsed.items():
+        if spec is None:
+            tasks[name] = load_task(name, **options)
+        elif spec.unlabeled is not None and spec.unlabeled.from_task is not None:
+            deferred.append(name)
+        else:
+            tasks[name] = load_task_data(name, spec, class_names=class_names.get(name), **options)
+    for name in deferred:  # surrogate data comes from a task loaded above (its training inputs)
+        tasks[name] = load_task_data(name, parsed[name], class_names=class_names.get(name), other_tasks=tasks,
+                                     **options)
+    return {name: tasks[name] for name in specs}

@@ -1,0 +1,259 @@
+"""One way to name a model everywhere: a distac model directory, a Hugging Face sequence-classification
+checkpoint (directory, hub id from the local cache, or s3:// directory), or a bare checkpoint file.
+
+- ``load_model(uri, pretrained=...)`` → ``LoadedModel`` (adapter, TaskModel in eval mode, meta with
+  ``class_names``) for every form that defines a model;
+- ``backbone_checkpoint(uri)`` → a lazy ``Mapping[str, Tensor]`` over the tensors a task vector covers, for
+  every form (tensor-level commands: extract, merge, diagnose's norms);
+- ``paired_backbones(pretrained, finetuned)`` checks θ_pre against every fine-tuned model before any work
+  and names the first tensor whose name or shape differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from distac import io
+from distac.errors import CheckpointError, MismatchError
+from distac.models import build_adapter, store
+from distac.models.store import LoadedModel
+
+FORMS = ("distac", "hf", "checkpoint")
+HF_CONFIG = "config.json"
+HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_LOCAL_COPIES: dict[str, str] = {}
+
+
+def _exists(uri: str) -> bool:
+    fs, path = io.url_to_fs(uri)
+    return fs.exists(path)
+
+
+def _is_hub_id(uri: str) -> bool:
+    return "://" not in uri and not Path(uri).exists() and HUB_ID.fullmatch(uri) is not None
+
+
+def _hub_snapshot(repo_id: str) -> str | None:
+    """The local cache directory of a hub model, or None when it is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, HF_CONFIG)
+    return os.path.dirname(found) if isinstance(found, str) else None
+
+
+def model_form(uri: str | os.PathLike) -> str:
+    """'distac' (has meta.json), 'hf' (a transformers directory or cached hub id) or 'checkpoint'."""
+    uri = str(uri).rstrip("/")
+    if _is_hub_id(uri):
+        if _hub_snapshot(uri) is None:
+            raise CheckpointError(f"{uri} is neither a local path nor a hub model in the local cache "
+                                  "(the hub is not reachable offline)")
+        return "hf"
+    if _exists(store.meta_uri(uri)):
+        return "distac"
+    if _exists(io.join_uri(uri, HF_CONFIG)):
+        return "hf"
+    if not _exists(uri):
+        raise CheckpointError(f"model not found: {uri}")
+    return "checkpoint"
+
+
+def local_hf_dir(uri: str) -> str:
+    """A local directory transformers can read: the path itself, the hub cache, or a copy of an s3:// directory."""
+    uri = str(uri).rstrip("/")
+    if _is_hub_id(uri):
+        return _hub_snapshot(uri) or uri
+    if io.is_local(uri):
+        return io.url_to_fs(uri)[1]
+    if uri not in _LOCAL_COPIES:
+        fs, path = io.url_to_fs(uri)
+        target = tempfile.mkdtemp(prefix="distac-hf-")
+        for remote in fs.ls(path, detail=False):
+            if fs.isfile(remote):
+                fs.get_file(remote, os.path.join(target, remote.rsplit("/", 1)[-1]))
+        _LOCAL_COPIES[uri] = target
+    return _LOCAL_COPIES[uri]
+
+
+def hf_config(uri: str) -> dict:
+    try:
+        return json.loads(Path(local_hf_dir(uri), HF_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {io.join_uri(uri, HF_CONFIG)} ({exc})") from None
+
+
+def hf_weights_uri(uri: str) -> str:
+    """The weights file (or index) of a transformers directory."""
+    directory = local_hf_dir(uri)
+    for name in HF_WEIGHTS:
+        if os.path.exists(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    raise CheckpointError(f"{uri} has a {HF_CONFIG} but no weights (looked for {', '.join(HF_WEIGHTS)})")
+
+
+def base_model_prefix(uri: str) -> str:
+    """The attribute name of the encoder inside the architecture's sequence-classification class ('bert', 'model')."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    directory = local_hf_dir(uri)
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        model_class = AutoModelForSequenceClassification._model_mapping[type(config)]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{io.join_uri(uri, HF_CONFIG)}: architecture "
+                              f"{hf_config(uri).get('model_type')!r} has no sequence-classification model "
+                              f"in transformers ({exc})") from None
+    return model_class.base_model_prefix
+
+
+class BackboneView(Mapping[str, torch.Tensor]):
+    """A lazy checkpoint view renamed to encoder keys: ``<prefix>.<key>`` → ``<key>``, other keys dropped."""
+
+    def __init__(self, reader: io.CheckpointReader, uri: str, prefix: str = "", drop: Sequence[str] = (),
+                 form: str = "checkpoint"):
+        self.reader, self.uri, self.form = reader, uri, form
+        self._source = {key[len(prefix):]: key for key in reader
+                        if key.startswith(prefix) and not key[len(prefix):].startswith(tuple(drop))}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.reader[self._source[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._source
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.reader.shape(self._source[key])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.reader.dtype(self._source[key])
+
+    def restricted(self, keys: Sequence[str]) -> "BackboneView":
+        view = BackboneView.__new__(BackboneView)
+        view.reader, view.uri, view.form = self.reader, self.uri, self.form
+        view._source = {key: self._source[key] for key in keys}
+        return view
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def backbone_checkpoint(uri: str | os.PathLike) -> BackboneView:
+    """The backbone tensors of any model form (a classification checkpoint: its encoder without the pooler)."""
+    uri = str(uri).rstrip("/")
+    form = model_form(uri)
+    if form == "distac":
+        target = store.backbone_uri(uri)
+        return BackboneView(io.open_checkpoint(target), uri, form=form)
+    if form == "checkpoint":
+        return BackboneView(io.open_checkpoint(uri), uri)
+    reader = io.open_checkpoint(hf_weights_uri(uri))
+    prefix = base_model_prefix(uri) + "."
+    if any(key.startswith(prefix) for key in reader):  # a classification (or pretraining) checkpoint
+        return BackboneView(reader, uri, prefix, drop=("pooler.",), form=form)
+    return BackboneView(reader, uri, form=form)  # a bare encoder (AutoModel.save_pretrained)
+
+
+def paired_backbones(pretrained: str | os.PathLike, finetuned: Sequence[str | os.PathLike]
+                     ) -> tuple[BackboneView, list[BackboneView]]:
+    """θ_pre restricted to the fine-tuned models' backbone keys (unless θ_pre is a bare checkpoint, whose other
+    keys a merged model keeps), and those models' backbones.
+
+    Raises MismatchError before any tensor is read when a fine-tuned model has a tensor θ_pre lacks or of
+    another shape, naming the tensor and both files.
+    """
+    pre = backbone_checkpoint(pretrained)
+    models = [backbone_checkpoint(uri) for uri in finetuned]
+    for model in models:
+        if pre.form == model.form == "hf":
+            ours, theirs = hf_config(model.uri).get("model_type"), hf_config(pre.uri).get("model_type")
+            if ours != theirs:
+                raise MismatchError(f"{io.join_uri(model.uri, HF_CONFIG)}: model_type {ours!r}, but the pretrained "
+                                    f"model's {io.join_uri(pre.uri, HF_CONFIG)} has {theirs!r} (another architecture)")
+        for key in model:
+            if key not in pre:
+                raise MismatchError(f"tensor {key!r} of {model.uri} is not in the pretrained model {pre.uri} "
+                                    "(another architecture?)")
+            if tuple(pre.shape(key)) != tuple(model.shape(key)):
+                raise MismatchError(f"tensor {key!r}: shape {tuple(model.shape(key))} in {model.uri}, "
+                                    f"{tuple(pre.shape(key))} in the pretrained model {pre.uri}")
+    if pre.form == "checkpoint" or not models:
+        return pre, models
+    return pre.restricted(list(models[0])), models
+
+
+def load_pretrained_state(uri: str | os.PathLike, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """θ_pre's backbone tensors from any form, optionally only ``keys``."""
+    view = backbone_checkpoint(uri)
+    missing = [key for key in keys or () if key not in view]
+    if missing:
+        raise MismatchError(f"tensor {missing[0]!r} is not in the pretrained model {view.uri} "
+                            f"({len(missing)} missing; another architecture?)")
+    return {key: view[key] for key in (keys if keys is not None else view)}
+
+
+def _hf_meta(uri: str, adapter_spec: dict, config: dict, task: str | None) -> dict:
+    from distac.models.hf_seqcls import GENERIC_LABEL
+
+    id2label = config.get("id2label") or {}
+    names = [str(id2label.get(str(i), id2label.get(i, ""))) for i in range(len(id2label))]
+    if names == [GENERIC_LABEL.format(i) for i in range(len(names))]:
+        names = []
+    num_classes = len(id2label) or int(config.get("num_labels", 2))
+    return {"format": store.FORMAT, "role": "finetuned", "adapter": adapter_spec, "task": task,
+            "num_classes": num_classes, "class_names": names, "extra": {"source": uri, "form": "hf"}}
+
+
+def load_model(uri: str | os.PathLike, pretrained: str | os.PathLike | None = None, *, task: str | None = None,
+               max_length: int | None = None) -> LoadedModel:
+    """Any supported fine-tuned model as (adapter, TaskModel, meta); ``meta['class_names']`` is [] when unknown.
+
+    ``pretrained`` (an HF directory or hub id) makes the adapter's θ_pre that model, so its task vector and
+    freshly built models come from it; without it an imported checkpoint is its own θ_pre. ``task`` names
+    the task of an imported checkpoint (a distac directory knows its own).
+    """
+    from distac.models.hf_seqcls import has_tokenizer, load_sequence_classifier
+
+    uri = str(uri).rstrip("/")
+    form = model_form(uri)
+    if form == "distac":
+        return store.load_task_model(uri)
+    if form == "checkpoint":
+        raise CheckpointError(f"{uri} is a bare checkpoint: it holds weights but no model definition, so it can "
+                              "be merged and its vector extracted, but not run (give a distac model directory "
+                              "or a transformers directory with config.json)")
+    local = local_hf_dir(uri)
+    source = local
+    if pretrained is not None and model_form(str(pretrained)) == "hf":
+        source = local_hf_dir(str(pretrained))
+        paired_backbones(str(pretrained), [uri])  # a mismatch fails here, before the model is loaded
+    tokenizer = None
+    if not has_tokenizer(source):
+        tokenizer = local
+        if not has_tokenizer(local):
+            raise CheckpointError(f"{uri} holds no tokenizer (looked for tokenizer.json, vocab.txt, ...), and "
+                                  f"neither does {pretrained}; save one beside the weights")
+    spec = {"kind": "hf_seqcls", "name_or_path": source, "tokenizer": tokenizer, "max_length": max_length}
+    adapter = build_adapter(spec)
+    model = load_sequence_classifier(local, adapter)
+    return LoadedModel(adapter, model, _hf_meta(uri, adapter.spec(), hf_config(uri), task))
+
+
+def save_imported(uri: str | os.PathLike, loaded: LoadedModel, task: str | None = None) -> str:
+    """Store an imported model as a distac model directory (what the pipeline's stages pass around)."""
+    meta = loaded.meta
+    return store.save_task_model(uri, loaded.model, loaded.adapter, task or meta.get("task") or "",
+                                 meta["num_classes"], meta.get("class_names") or None, extra=meta.get("extra"))

@@ -1,0 +1,323 @@
+"""Users' own models and data: tasks from CSV/TSV/JSONL/Parquet/``save_to_disk`` files, Hugging Face
+sequence-classification checkpoints fine-tuned and saved with plain transformers, and the CLI on both."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from distac.cli import main
+from distac.data import DataError, DataSpec, TextExample, load_task_data, load_tasks
+from distac.errors import CheckpointError, MismatchError
+from distac.models import load_model
+from distac.models.resolve import backbone_checkpoint, paired_backbones
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]
+NEUTRAL = ["okay", "average", "plain"]
+
+
+def _rows(count: int, seed: int, labels: str = "three") -> list[dict]:
+    rng = random.Random(seed)
+    words = {"pos": POSITIVE, "neg": NEGATIVE, "mid": NEUTRAL}
+    names = ["pos", "neg", "mid"] if labels == "three" else ["pos", "neg"]
+    rows = []
+    for i in range(count):
+        label = names[i % len(names)]
+        rows.append({"review": f"a {rng.choice(words[label])} film, {rng.choice(words[label])} acting",
+                     "stars": label})
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> str:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """θ_pre (a tiny random BERT) and two checkpoints fine-tuned from it with plain transformers, saved with
+    ``save_pretrained``, plus their CSV data."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from distac.models.text import create_random_encoder
+
+    base = tmp_path_factory.mktemp("user-models")
+    pretrained = create_random_encoder(base / "pre")
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    out = {"pre": pretrained, "base": base}
+    for task, kind, lr in (("reviews", "three", 3e-3), ("polarity", "two", 1e-3)):
+        train, test = _rows(48, 1, kind), _rows(24, 2, kind)
+        names = sorted({row["stars"] for row in train})
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            pretrained, num_labels=len(names), id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)})
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        model.train()
+        for step in range(24):
+            batch = train[(step * 8) % 48:(step * 8) % 48 + 8]
+            inputs = tokenizer([r["review"] for r in batch], padding=True, return_tensors="pt")
+            loss = model(**inputs, labels=torch.tensor([names.index(r["stars"]) for r in batch])).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+        model.save_pretrained(base / f"ft_{task}")
+        tokenizer.save_pretrained(base / f"ft_{task}")
+        out[task] = str(base / f"ft_{task}")
+        out[f"{task}_train"] = _write_csv(base / f"{task}_train.csv", train)
+        out[f"{task}_test"] = _write_csv(base / f"{task}_test.csv", test)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def test_every_file_format_gives_the_same_task(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train, test = _rows(30, 1), _rows(12, 2)
+    sources = {
+        "csv": (_write_csv(tmp_path / "tr.csv", train), _write_csv(tmp_path / "te.csv", test)),
+        "tsv": (_write_csv(tmp_path / "tr.tsv", train, "\t"), _write_csv(tmp_path / "te.tsv", test, "\t")),
+        "jsonl": (_write_jsonl(tmp_path / "tr.jsonl", train), _write_jsonl(tmp_path / "te.jsonl", test)),
+    }
+    pq.write_table(pa.Table.from_pylist(train), tmp_path / "tr.parquet")
+    pq.write_table(pa.Table.from_pylist(test), tmp_path / "te.parquet")
+    sources["parquet"] = (str(tmp_path / "tr.parquet"), str(tmp_path / "te.parquet"))
+    datasets.Dataset.from_list(train).save_to_disk(str(tmp_path / "tr_ds"))
+    datasets.Dataset.from_list(test).save_to_disk(str(tmp_path / "te_ds"))
+    sources["save_to_disk"] = (str(tmp_path / "tr_ds"), str(tmp_path / "te_ds"))
+    loaded = {kind: load_task_data("reviews", DataSpec(train=tr, test=te, text="review", label="stars"))
+              for kind, (tr, te) in sources.items()}
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train), "dev": datasets.Dataset.from_list(test)}
+                         ).save_to_disk(str(tmp_path / "dict_ds"))
+    loaded["dataset_dict"] = load_task_data("reviews", DataSpec(dataset=str(tmp_path / "dict_ds"),
+                                                                splits={"train": "train", "test": "dev"},
+                                                                text="review", label="stars"))
+    reference = loaded["csv"]
+    assert reference.class_names == ["mid", "neg", "pos"]  # sorted distinct training labels
+    assert reference.test[0] == TextExample(test[0]["review"], None, ["mid", "neg", "pos"].index(test[0]["stars"]))
+    assert len(reference.train) + len(reference.validation) == 30 and len(reference.validation) == 3
+    for kind, task in loaded.items():
+        assert (list(task.train), list(task.validation), list(task.test), task.class_names) == (
+            list(reference.train), list(reference.validation), list(reference.test), reference.class_names), kind
+
+
+def test_integer_labels_pairs_given_class_names_and_unlabeled_sources(tmp_path):
+    rows = [{"a": f"first {i}", "b": f"second {i}", "y": str(i % 2)} for i in range(10)]
+    spec = DataSpec(train=_write_csv(tmp_path / "p.csv", rows), test=_write_csv(tmp_path / "q.csv", rows[:4]),
+                    validation=_write_csv(tmp_path / "v.csv", rows[4:8]), text="a", text_pair="b", label="y",
+                    class_names=["no", "yes"], unlabeled=_write_jsonl(tmp_path / "u.jsonl", [{"a": "x", "b": "y"}]))
+    task = load_task_data("pairs", spec)
+    assert task.class_names == ["no", "yes"] and task.num_classes == 2
+    assert task.train[1] == TextExample("first 1", "second 1", 1) and len(task.train) == 10  # validation given
+    assert task.unlabeled() == [TextExample("x", "y", None)]
+    surrogate = {"train": spec.train, "test": spec.test, "text": "a", "text_pair": "b",
+                 "label": "y", "unlabeled": {"from_task": "pairs"}}
+    tasks = load_tasks({"other": surrogate, "pairs": spec})
+    assert tasks["other"].unlabeled()[:2] == [TextExample(e.text_a, e.text_b, None) for e in tasks["pairs"].train[:2]]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_column", "no column 'stars' (the label column)"),
+    ("unseen_label", "row 2: label 'zzz' in column 'stars' is not one of the 3 classes"),
+    ("empty_split", "has no rows (an empty split)"),
+    ("mixed_pairs", "row 3: column 'other' (the text_pair column) is empty"),
+    ("not_a_file", "data file not found"),
+])
+def test_bad_data_names_file_row_and_field(tmp_path, case, message):
+    train = _rows(9, 1)
+    test = _rows(4, 2)
+    text_pair = None
+    if case == "missing_column":
+        test = [{"review": r["review"], "rating": r["stars"]} for r in test]
+    elif case == "unseen_label":
+        test[1]["stars"] = "zzz"
+    elif case == "mixed_pairs":
+        train = [{**r, "other": "" if i == 2 else "x"} for i, r in enumerate(train)]
+        text_pair = "other"
+    train_file = _write_csv(tmp_path / "train.csv", train)
+    test_file = str(tmp_path / "test.csv")
+    if case == "empty_split":
+        Path(test_file).write_text("review,stars\n")
+    elif case != "not_a_file":
+        _write_csv(Path(test_file), test)
+    with pytest.raises(DataError) as error:
+        load_task_data("t", DataSpec(train=train_file, test=test_file, text="review", text_pair=text_pair,
+                                     label="stars"))
+    assert message in str(error.value)
+    assert (train_file if case == "mixed_pairs" else test_file) in str(error.value)
+
+
+def test_data_spec_rejects_unknown_fields_and_missing_splits():
+    with pytest.raises(ValueError, match="test missing"):
+        DataSpec(train="a.csv")
+    with pytest.raises(ValueError, match="extra"):
+        DataSpec(train="a.csv", test="b.csv", colour="red")
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def test_imported_checkpoint_predicts_exactly_what_transformers_does(hf_models):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    loaded = load_model(hf_models["reviews"], pretrained=hf_models["pre"])
+    assert loaded.class_names == ["mid", "neg", "pos"] and loaded.meta["num_classes"] == 3
+    task = load_task_data("reviews", DataSpec(train=hf_models["reviews_train"], test=hf_models["reviews_test"],
+                                              text="review", label="stars"), class_names=loaded.class_names)
+    reference = AutoModelForSequenceClassification.from_pretrained(hf_models["reviews"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_models["reviews"])
+    with torch.no_grad():
+        ours = loaded.model(loaded.adapter.collate(list(task.test)))
+        theirs = reference(**tokenizer([e.text_a for e in task.test], padding=True, truncation=True,
+                                       return_tensors="pt")).logits
+    assert torch.equal(ours, theirs)
+    # the backbone is the encoder without its pooler; pooler and classifier are the head
+    assert sorted(loaded.model.head_state()) == ["classifier.bias", "classifier.weight", "pooler.dense.bias",
+                                                 "pooler.dense.weight"]
+    assert set(loaded.model.backbone_state()) == set(backbone_checkpoint(hf_models["reviews"]))
+    assert not any(key.startswith("pooler.") for key in loaded.model.backbone_state())
+
+
+def test_accuracy_reported_by_distac_equals_transformers(hf_models, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    spec_file = tmp_path / "reviews.yaml"
+    spec_file.write_text(f"train: {hf_models['reviews_train']}\ntest: {hf_models['reviews_test']}\n"
+                         "text: review\nlabel: stars\n")
+    assert main(["evaluate", "--finetuned", hf_models["reviews"], "--data", str(spec_file),
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    reported = json.loads((tmp_path / "eval.json").read_text())["models"][0]["accuracy"]
+    model = AutoModelForSequenceClassification.from_pretrained(hf_models["reviews"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_models["reviews"])
+    with open(hf_models["reviews_test"]) as handle:
+        rows = list(csv.DictReader(handle))
+    with torch.no_grad():
+        logits = model(**tokenizer([r["review"] for r in rows], padding=True, truncation=True,
+                                   return_tensors="pt")).logits
+    expected = sum(model.config.id2label[int(p)] == r["stars"] for p, r in zip(logits.argmax(-1), rows)) / len(rows)
+    assert reported == pytest.approx(expected, abs=1e-7) and expected > 0.5  # the model learned something
+
+
+def test_pretrained_mismatch_fails_naming_the_tensor(hf_models, tmp_path):
+    from distac.models.text import create_random_encoder
+
+    wider = create_random_encoder(tmp_path / "wider", hidden=48, heads=2)
+    expected = (f"tensor 'embeddings.LayerNorm.bias': shape (32,) in {hf_models['reviews']}, (48,) in the "
+                f"pretrained model {wider}")  # the first tensor in the checkpoint's order that differs
+    with pytest.raises(MismatchError) as error:
+        paired_backbones(wider, [hf_models["reviews"]])
+    assert str(error.value) == expected
+    with pytest.raises(MismatchError, match="embeddings.LayerNorm.bias"):
+        load_model(hf_models["reviews"], pretrained=wider)
+
+
+def test_other_architecture_and_missing_tokenizer_are_named(hf_models, tmp_path):
+    import shutil
+
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    roberta = RobertaForSequenceClassification(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                             num_attention_heads=2, intermediate_size=37))
+    roberta.save_pretrained(tmp_path / "roberta")
+    with pytest.raises(MismatchError, match=r"roberta/config.json: model_type 'roberta', but .*'bert'"):
+        paired_backbones(hf_models["pre"], [str(tmp_path / "roberta")])
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(hf_models["reviews"]) / name, bare / name)
+    with pytest.raises(CheckpointError, match=f"{bare} holds no tokenizer"):
+        load_model(str(bare))
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_diagnose_condition_merge_evaluate_on_hf_checkpoints_and_csv(hf_models, tmp_path, capsys):
+    pre, ft_a, ft_b = hf_models["pre"], hf_models["reviews"], hf_models["polarity"]
+    specs = []
+    for task in ("reviews", "polarity"):
+        spec = tmp_path / f"{task}.yaml"
+        spec.write_text(f"train: {hf_models[task + '_train']}\ntest: {hf_models[task + '_test']}\n"
+                        "text: review\nlabel: stars\n")
+        specs.append(str(spec))
+    unlabeled = _write_csv(tmp_path / "texts.csv", [{"text": r["review"]} for r in _rows(16, 5)])
+
+    assert main(["diagnose", "--pretrained", pre, "--finetuned", ft_a, ft_b, "--data", *specs,
+                 "--json", str(tmp_path / "diag.json"), "--num-unlabeled", "16"]) == 0
+    rows = json.loads((tmp_path / "diag.json").read_text())["tasks"]
+    assert [row["name"] for row in rows] == ["ft_reviews", "ft_polarity"]
+    assert all(row["scaled_confidence"] is not None and row["ece"] is not None for row in rows)
+
+    assert main(["condition", "--pretrained", pre, "--finetuned", ft_a, "--unlabeled", unlabeled,
+                 "--text-column", "text", "--kappa", "0.5", "--steps", "2", "--batch-size", "8",
+                 "--out", str(tmp_path / "cond"), "--no-progress"]) == 0
+    history = json.loads((tmp_path / "cond" / "history.json").read_text())
+    assert history["kappa"] == 0.5 and history["config"]["steps"] == 2
+
+    conditioned = str(tmp_path / "cond" / "model")
+    assert main(["merge", "--method", "task_arithmetic", "--pretrained", pre, "--finetuned", conditioned, ft_b,
+                 "--alpha", "0.5", "--out", str(tmp_path / "merged"), "--no-progress"]) == 0
+    assert main(["evaluate", "--pretrained", pre, "--finetuned", conditioned, ft_b, "--data", *specs,
+                 "--merged", str(tmp_path / "merged"), "--json", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert [row["task"] for row in report["merged"]["tasks"]] == ["ft_reviews", "ft_polarity"]
+
+
+def test_merge_and_diagnose_take_distac_finetune_directories(tmp_path, tiny_encoder, capsys):
+    """The README's `distac merge --pretrained pre/ --finetuned ft_x/` on `distac finetune` output, and
+    `distac diagnose` on a model of a task it does not know (norms and cosines only)."""
+    import shutil
+
+    from distac import io
+    from distac.models import build_adapter
+    from distac.models.store import load_meta, save_pretrained, save_task_model
+
+    adapter = build_adapter({"kind": "hf_text", "name_or_path": tiny_encoder, "max_length": 16})
+    save_pretrained(adapter, tmp_path / "pre")
+    for task, seed in (("cola", 1), ("mystery", 2)):
+        model = adapter.build(2, seed=seed)
+        with torch.no_grad():
+            for parameter in model.backbone.parameters():
+                parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(seed)))
+        save_task_model(tmp_path / f"ft_{task}", model, adapter, task, 2, ["a", "b"])
+    assert main(["merge", "--method", "task_arithmetic", "--pretrained", str(tmp_path / "pre"), "--finetuned",
+                 str(tmp_path / "ft_cola"), str(tmp_path / "ft_mystery"), "--out", str(tmp_path / "m"),
+                 "--no-progress"]) == 0
+    assert len(io.open_checkpoint(str(tmp_path / "m" / "vector"))) == len(adapter.pretrained_backbone_state())
+    assert load_meta(tmp_path / "ft_mystery")["task"] == "mystery"
+    assert main(["diagnose", "--pretrained", str(tmp_path / "pre"), "--finetuned", str(tmp_path / "ft_mystery"),
+                 "--json", str(tmp_path / "d.json")]) == 0
+    (row,) = json.loads((tmp_path / "d.json").read_text())["tasks"]
+    assert row["name"] == "mystery" and row["norm"] > 0 and row["scaled_confidence"] is None
+    shutil.rmtree(tmp_path / "m")
+    with pytest.raises(SystemExit):
+        main(["condition", "--pretrained", "p", "--finetuned", "f", "--out", "o", "--kappa", "x"])
+
+
+def test_cli_errors_name_the_file(tmp_path, capsys):
+    assert main(["evaluate", "--finetuned", str(tmp_path / "nowhere")]) == 2
+    assert f"model not found: {tmp_path / 'nowhere'}" in capsys.readouterr().err
+    with pytest.raises(DataError, match="bad.yaml: invalid data spec"):
+        from distac.cli.common import read_data_spec
+
+        (tmp_path / "bad.yaml").write_text("train: a.csv\n")
+        read_data_spec(str(tmp_path / "bad.yaml"))
