@@ -9,20 +9,27 @@ Flags (thresholds are arguments; defaults below):
   δ = 2, the shorter one's cosine with their sum is 1/√5 ≈ 0.45 (0.71 at equal norms): past this point the
   short task starts to vanish from the merge (METHODS.md, failure mode 1).
 - ``low_confidence`` on task t when its scaled confidence c = (mean max-prob − 1/C)/(1 − 1/C) is below
-  0.7. c is 0 at chance and 1 for one-hot predictions, comparable across class counts, and for a model
-  that fits label smoothing ε it equals 1 − ε: the threshold flags sources softer than label smoothing 0.3,
-  the regime where the paper's low-confidence drops appear (failure mode 2).
+  0.7 **and**, where labeled validation data is given, the model is underconfident there: its mean
+  max-probability lies more than 0.03 below its accuracy. c is 0 at chance and 1 for one-hot predictions,
+  comparable across class counts, and for a model that fits label smoothing ε it equals 1 − ε: the
+  threshold flags sources softer than label smoothing 0.3, the regime where the paper's low-confidence
+  drops appear (failure mode 2). Softness alone is not the failure: a plain cross-entropy model of a hard
+  task is soft because the task is hard, and is as confident as it is accurate (or more); a smoothed one
+  is less confident than it is accurate. Without validation data the threshold alone decides.
 
-Recommendations: when any task is flagged for norm disparity, κ_t = min norm / ‖τ_t‖ (``kappa_policy``;
-shrink only) and every task with κ_t < 1 is conditioned. A low-confidence task gets T_tcr = 1 and
-T_stu = the smallest s ≥ 1 at which its own teacher logits, sharpened to softmax(s·z), reach scaled
-confidence 0.95 (DisTaC drives z_s ≈ s·z_t), capped at 10.
+Recommendations: a task flagged for norm disparity gets κ_t = m / ‖τ_t‖ with m the median norm of the
+tasks not flagged (the paper shrinks long vectors toward the others, not to the shortest); every other
+task keeps κ_t = 1, so no vector is shrunk that its own norm ratio does not flag. A low-confidence task
+gets T_tcr = 1 and T_stu = the smallest s ≥ 1 at which its own teacher logits, sharpened to softmax(s·z),
+reach scaled confidence 0.95 (DisTaC drives z_s ≈ s·z_t), capped at 10; any other task T_stu = T_tcr
+(norm-only conditioning never sharpens).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,6 +47,7 @@ log = logging.getLogger(__name__)
 
 NORM_RATIO_THRESHOLD = 2.0
 CONFIDENCE_THRESHOLD = 0.7
+UNDERCONFIDENCE_MARGIN = 0.03  # accuracy − mean max-prob on validation data, for the low-confidence flag
 TARGET_CONFIDENCE = 0.95
 MAX_TEMPERATURE_RATIO = 10.0
 
@@ -53,6 +61,8 @@ class TaskDiagnosis:
     mean_max_prob: float | None = None
     mean_entropy: float | None = None
     scaled_confidence: float | None = None
+    accuracy: float | None = None  # on the labeled validation data
+    confidence_gap: float | None = None  # validation accuracy − mean max-prob there: > 0 is underconfident
     ece: float | None = None
     sharpening_temperature: float | None = None  # s reaching the target confidence; only when flagged
     flags: list[str] = field(default_factory=list)
@@ -100,12 +110,12 @@ class Diagnosis:
         def fmt(value: float | None, spec: str = ".3f") -> str:
             return "–" if value is None else format(value, spec)
 
-        lines = ["| Task | ‖τ‖ | ratio to min | mean max-prob | mean entropy | scaled conf. | ECE | flags |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = ["| Task | ‖τ‖ | ratio to min | mean max-prob | mean entropy | scaled conf. | accuracy | "
+                 "acc. − conf. | ECE | flags |", "|---|---|---|---|---|---|---|---|---|---|"]
         for t in self.tasks:
             lines.append(f"| {t.name} | {t.norm:.4g} | {t.norm_ratio:.2f} | {fmt(t.mean_max_prob)} | "
-                         f"{fmt(t.mean_entropy)} | {fmt(t.scaled_confidence)} | {fmt(t.ece)} | "
-                         f"{', '.join(t.flags) or '–'} |")
+                         f"{fmt(t.mean_entropy)} | {fmt(t.scaled_confidence)} | {fmt(t.accuracy)} | "
+                         f"{fmt(t.confidence_gap, '+.3f')} | {fmt(t.ece)} | {', '.join(t.flags) or '–'} |")
         names = [t.name for t in self.tasks]
         lines += ["", "Pairwise cosines:", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {a} | " + " | ".join(f"{c:.3f}" for c in row) + " |" for a, row in zip(names, self.cosines)]
@@ -143,7 +153,8 @@ def diagnose(task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
              validation: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None, *,
              norm_ratio_threshold: float = NORM_RATIO_THRESHOLD,
              confidence_threshold: float = CONFIDENCE_THRESHOLD,
-             target_confidence: float = TARGET_CONFIDENCE) -> Diagnosis:
+             target_confidence: float = TARGET_CONFIDENCE,
+             underconfidence_margin: float = UNDERCONFIDENCE_MARGIN) -> Diagnosis:
     """Diagnose tasks from their vectors, teacher logits on unlabeled inputs and (logits, labels) of a
     labeled validation split; the last two are optional and keyed by task name like ``task_vectors``."""
     if not task_vectors:
@@ -153,6 +164,8 @@ def diagnose(task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
     if not 0 < confidence_threshold < target_confidence <= 1:
         raise ConfigError(f"need 0 < confidence_threshold < target_confidence <= 1, got "
                           f"{confidence_threshold} and {target_confidence}")
+    if not 0 <= underconfidence_margin < 1:
+        raise ConfigError(f"underconfidence_margin must be in [0, 1), got {underconfidence_margin}")
     for name in list(unlabeled_logits or {}) + list(validation or {}):
         if name not in task_vectors:
             raise ConfigError(f"logits given for task {name!r}, which has no task vector")
@@ -171,21 +184,25 @@ def diagnose(task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
         task = TaskDiagnosis(name=name, norm=norm, norm_ratio=ratio)
         if ratio > norm_ratio_threshold:
             task.flags.append("norm_disparity")
+        if validation and name in validation:
+            logits, labels = validation[name]
+            probs = torch.softmax(logits.double(), dim=1)
+            task.ece = expected_calibration_error(probs, labels)
+            task.accuracy = float((probs.argmax(dim=1) == labels).double().mean())
+            task.confidence_gap = task.accuracy - float(probs.max(dim=1).values.mean())
         if unlabeled_logits and name in unlabeled_logits:
             logits = unlabeled_logits[name]
             stats = confidence_stats(logits)
             task.num_classes, task.mean_max_prob = stats.num_classes, stats.mean_max_prob
             task.mean_entropy, task.scaled_confidence = stats.mean_entropy, stats.scaled_confidence
-            if stats.scaled_confidence < confidence_threshold:
+            underconfident = task.confidence_gap is None or task.confidence_gap > underconfidence_margin
+            if stats.scaled_confidence < confidence_threshold and underconfident:
                 task.flags.append("low_confidence")
                 task.sharpening_temperature = sharpening_temperature(logits, target_confidence)
-        if validation and name in validation:
-            logits, labels = validation[name]
-            task.ece = expected_calibration_error(torch.softmax(logits.double(), dim=1), labels)
         tasks.append(task)
     diagnosis = Diagnosis(tasks=tasks, cosines=cosines, thresholds={
         "norm_ratio": norm_ratio_threshold, "scaled_confidence": confidence_threshold,
-        "target_confidence": target_confidence})
+        "target_confidence": target_confidence, "underconfidence_margin": underconfidence_margin})
     diagnosis.recommendations = recommend(diagnosis)
     log.info("diagnosed %d tasks; flags: %s", len(tasks), diagnosis.flags or "none")
     return diagnosis
@@ -193,17 +210,22 @@ def diagnose(task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
 
 def recommend(diagnosis: Diagnosis) -> list[Recommendation]:
     """Which tasks to condition and with which κ and temperatures (rules in the module docstring)."""
-    disparity = any("norm_disparity" in t.flags for t in diagnosis.tasks)
-    kappas = kappa_policy({t.name: t.norm for t in diagnosis.tasks}, "min") if disparity else {}
+    long = {t.name: t.norm for t in diagnosis.tasks if "norm_disparity" in t.flags}
+    others = [t.norm for t in diagnosis.tasks if t.name not in long]
+    target = statistics.median(others) if long and others else None
+    kappas = kappa_policy(long, target) if target else {}
     out = []
     for task in diagnosis.tasks:
         kappa, t_student, reasons = kappas.get(task.name, 1.0), 1.0, []
         if kappa < 1:
-            reasons.append(f"norm {task.norm_ratio:.2f}× the smallest: shrink to it")
+            reasons.append(f"norm {task.norm_ratio:.2f}× the smallest: shrink to the others' median norm "
+                           f"{target:.4g}")
         if "low_confidence" in task.flags:
             t_student = task.sharpening_temperature or 1.0
+            gap = "" if task.confidence_gap is None else f", {task.confidence_gap:.2f} below its accuracy"
             reasons.append(f"scaled confidence {task.scaled_confidence:.2f} < "
-                           f"{diagnosis.thresholds['scaled_confidence']}: sharpen by T_stu/T_tcr = {t_student:.3g}")
+                           f"{diagnosis.thresholds['scaled_confidence']}{gap}: sharpen by T_stu/T_tcr = "
+                           f"{t_student:.3g}")
         out.append(Recommendation(task=task.name, condition=bool(reasons), kappa=kappa, teacher_temperature=1.0,
                                   student_temperature=t_student, reasons=reasons))
     return out

@@ -38,17 +38,34 @@ def test_clean_set_raises_no_flags():
     assert max(t.norm_ratio for t in diagnosis.tasks) < 1.3
 
 
-def test_planted_norm_disparity_is_flagged_and_shrunk():
+def test_planted_norm_disparity_is_flagged_and_shrunk_to_the_others_median():
     vectors = _vectors()
     vectors["t1"] = vectors["t1"] * 5.0
     diagnosis = diagnose(vectors)
     assert diagnosis.flags == {"norm_disparity": ["t1"]}
-    smallest = min(t.norm for t in diagnosis.tasks)
     by_task = {r.task: r for r in diagnosis.recommendations}
-    assert by_task["t1"].condition
-    assert by_task["t1"].kappa * vectors["t1"].norm() == pytest.approx(smallest)
-    assert all(r.kappa <= 1 for r in diagnosis.recommendations)  # shrink only
+    assert by_task["t1"].condition and by_task["t1"].student_temperature == 1.0  # norm only: no sharpening
+    others_median = (vectors["t0"].norm() + vectors["t2"].norm()) / 2
+    assert by_task["t1"].kappa * vectors["t1"].norm() == pytest.approx(others_median)
+    assert by_task["t0"].kappa == by_task["t2"].kappa == 1.0 and not by_task["t0"].condition
     assert by_task["t1"].config(steps=10).kappa == by_task["t1"].kappa
+
+
+def _scaled(vector: TaskVector, norm: float) -> TaskVector:
+    return vector * (norm / vector.norm())
+
+
+def test_a_vector_below_its_norm_threshold_is_never_shrunk():
+    """Norms 1, 1.26, 1.5 and 6: only the 6× vector is flagged (threshold 2×) and only it is shrunk, to
+    the median of the others (1.26), not to the smallest."""
+    vectors = _vectors(4)
+    vectors = {name: _scaled(v, norm) for (name, v), norm in zip(vectors.items(), (1.0, 1.26, 1.5, 6.0))}
+    diagnosis = diagnose(vectors)
+    assert diagnosis.flags == {"norm_disparity": ["t3"]}
+    kappas = {r.task: r.kappa for r in diagnosis.recommendations}
+    assert kappas == {"t0": 1.0, "t1": 1.0, "t2": 1.0, "t3": pytest.approx(1.26 / 6.0)}
+    assert [r.task for r in diagnosis.recommendations if r.condition] == ["t3"]
+    assert "median norm 1.26" in diagnosis.recommendations[3].reasons[0]
 
 
 def test_planted_low_confidence_is_flagged_with_a_sharpening_temperature():
@@ -64,6 +81,34 @@ def test_planted_low_confidence_is_flagged_with_a_sharpening_temperature():
     assert recommendation.student_temperature / recommendation.teacher_temperature > 1
     sharpened = confidence_stats(logits["t2"] * recommendation.student_temperature)
     assert sharpened.scaled_confidence == pytest.approx(diagnosis.thresholds["target_confidence"], abs=1e-6)
+
+
+def _logits_with(max_prob: float, classes: int, n: int) -> torch.Tensor:
+    """Logits whose softmax puts ``max_prob`` on class 0 and spreads the rest evenly."""
+    rest = (1 - max_prob) / (classes - 1)
+    return torch.log(torch.tensor([max_prob] + [rest] * (classes - 1))).repeat(n, 1)
+
+
+def test_a_soft_but_calibrated_model_of_a_hard_task_is_not_flagged():
+    """A plain cross-entropy 3-way model: scaled confidence 0.66 (< 0.7), but it is right as often as it
+    is confident (accuracy 0.78 ≈ mean max-prob 0.773): the task is hard, the source is not soft."""
+    n, max_prob = 100, 1 / 3 + 0.66 * 2 / 3
+    logits = _logits_with(max_prob, 3, n)
+    labels = torch.tensor([0] * 78 + [1] * 22)
+    vectors = _vectors(2)
+    diagnosis = diagnose(vectors, {"t0": logits}, {"t0": (logits, labels)})
+    task = diagnosis.tasks[0]
+    assert task.scaled_confidence == pytest.approx(0.66)
+    assert task.accuracy == pytest.approx(0.78) and task.confidence_gap == pytest.approx(0.78 - max_prob, abs=1e-6)
+    assert diagnosis.flags == {} and not diagnosis.recommendations[0].condition
+    # the same model 20 points more accurate than confident is an underconfident (smoothed) source
+    labels = torch.tensor([0] * 97 + [1] * 3)
+    diagnosis = diagnose(vectors, {"t0": logits}, {"t0": (logits, labels)})
+    assert diagnosis.flags == {"low_confidence": ["t0"]}
+    assert diagnosis.recommendations[0].kappa == 1.0 and diagnosis.recommendations[0].student_temperature > 1
+    assert "below its accuracy" in diagnosis.recommendations[0].reasons[0]
+    # without labeled data the threshold alone decides
+    assert diagnose(vectors, {"t0": logits}).flags == {"low_confidence": ["t0"]}
 
 
 def test_sharpening_temperature_bounds():
@@ -89,6 +134,8 @@ def test_bad_input():
         diagnose(_vectors(), {"nope": torch.zeros(2, 2)})
     with pytest.raises(ConfigError, match="norm_ratio_threshold"):
         diagnose(_vectors(), norm_ratio_threshold=0.5)
+    with pytest.raises(ConfigError, match="underconfidence_margin"):
+        diagnose(_vectors(), underconfidence_margin=-0.1)
 
 
 def test_diagnose_models_on_real_fine_tuned_models():
@@ -96,11 +143,13 @@ def test_diagnose_models_on_real_fine_tuned_models():
     pretrained = adapter.pretrained_backbone_state()
     sources = []
     for i, smoothing in enumerate((0.0, 0.5)):  # label smoothing ε gives scaled confidence ≈ 1 − ε
-        task = make_task(f"task{i}", seed=10 + i)
+        task = make_task(f"task{i}", seed=10 + i, n=1200)  # enough data to generalize: accuracy ≈ 0.74
         model = finetune(adapter, task, label_smoothing=smoothing)
         sources.append(SourceModel(task.name, model, collate, [Point(p.x) for p in task.train], task.validation))
     diagnosis = diagnose_models(pretrained, sources)
     assert diagnosis.flags.get("low_confidence") == ["task1"]
+    plain, smoothed = diagnosis.tasks
+    assert plain.confidence_gap < 0 < diagnosis.thresholds["underconfidence_margin"] < smoothed.confidence_gap
     assert all(t.ece is not None and t.mean_max_prob is not None for t in diagnosis.tasks)
     vector = TaskVector.from_state_dicts(pretrained, sources[0].model.backbone_state())
     assert diagnosis.tasks[0].norm == pytest.approx(vector.norm())
