@@ -3,15 +3,20 @@ names from params never reach a shell or a path unescaped, and params are strict
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import socket
+import subprocess
+import sys
+import threading
 import pytest
 import torch
 import yaml
 
 from distac import io
 from distac.cli import main
-from distac.config import ConfigError, load_params, parse_params
+from distac.pipeline.params import ConfigError, load_params, parse_params
 from distac.errors import OutputError
 from distac.merging.streaming import merge_checkpoints
 
@@ -178,3 +183,64 @@ def test_a_checkpoint_directory_write_never_deletes_foreign_files(tmp_path):
     assert (target / "README.md").read_text() == "keep me"
     io.save_state_dict(tiny_state(0), target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["model.safetensors"]
+
+
+# --------------------------------------------------------------------------------------------- S3 waits
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A TCP server that accepts connections and never answers: a hung S3 endpoint."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for connection in accepted:
+        connection.close()
+
+
+def refused_endpoint() -> str:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def run_merge_against(endpoint: str, tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+           "AWS_DEFAULT_REGION": "us-east-1", "DISTAC_S3_TIMEOUT": "1", "DISTAC_S3_ATTEMPTS": "2"}
+    command = [sys.executable, "-m", "distac", "merge", "--method", "task_arithmetic", "--pretrained",
+               "s3://bucket/pre.safetensors", "--finetuned", "s3://bucket/ft.safetensors", "--out",
+               str(tmp_path / "out"), "--no-progress"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_an_s3_endpoint_that_never_answers_gives_a_clear_error(silent_endpoint, tmp_path):
+    done = run_merge_against(silent_endpoint, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "did not answer in time" in done.stderr and silent_endpoint in done.stderr
+    assert "Traceback" not in done.stderr and "s3cr3t" not in done.stderr
+
+
+def test_a_refused_s3_connection_gives_a_clear_error(tmp_path):
+    endpoint = refused_endpoint()
+    done = run_merge_against(endpoint, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "cannot connect to S3" in done.stderr and endpoint in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_credentials_never_appear_in_a_redacted_uri():
+    assert io.redact("http://user:pa55@host:5000/x") == "http://host:5000/x"
+    assert io.redact("postgresql://u:p@db/mlflow") == "postgresql://db/mlflow"
+    assert io.redact("s3://bucket/key") == "s3://bucket/key"

@@ -10,6 +10,7 @@ import pkgutil
 import sys
 
 from distac.errors import DistacError
+from distac.io import describe_storage_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DistacError as exc:
         print(f"distac {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        storage = describe_storage_error(exc) or (describe_storage_error(exc.__cause__) if exc.__cause__ else None)
+        if storage is None:
+            raise
+        print(f"distac {args.command}: error: {storage}", file=sys.stderr)
         return 2
 
 
