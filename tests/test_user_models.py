@@ -321,3 +321,146 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
 
         (tmp_path / "bad.yaml").write_text("train: a.csv\n")
         read_data_spec(str(tmp_path / "bad.yaml"))
+
+
+# --------------------------------------------------------------------------------------------- vision
+
+
+class ImageEncoder(torch.nn.Module):
+    """What the task-vector literature saves with ``torch.save(image_encoder)``: a module around an open_clip
+    model (and its transforms); loading it must not need, or run, this class."""
+
+    def __init__(self, clip, preprocess):
+        super().__init__()
+        self.model = clip
+        self.val_preprocess = preprocess
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {_Exploit.marker}",)
+
+
+def _images(count: int, size: int = 32) -> list:
+    from distac.data import ImageExample
+
+    generator = torch.Generator().manual_seed(3)
+    return [ImageExample(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator), None)
+            for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def open_clip_models(tmp_path_factory):
+    import open_clip
+
+    from distac.models.vision import create_random_clip_config
+
+    base = tmp_path_factory.mktemp("open-clip")
+    config = create_random_clip_config(base)
+    spec = base / "pre.json"
+    spec.write_text(json.dumps({"kind": "open_clip", "model_name": "tiny", "model_config": config}))
+    from distac.models import build_adapter
+
+    adapter = build_adapter(json.loads(spec.read_text()))
+    tuned = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        clip = __import__("copy").deepcopy(adapter.clip)
+        with torch.no_grad():
+            for parameter in clip.visual.parameters():
+                parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(seed)))
+        tuned[name] = clip
+    torch.save(tuned["a"].state_dict(), base / "ft_a.pt")  # a full open_clip state dict
+    torch.save(ImageEncoder(tuned["b"], open_clip.image_transform(32, is_train=False)), base / "ft_b.pt")
+    return {"spec": str(spec), "a": str(base / "ft_a.pt"), "b": str(base / "ft_b.pt"), "clips": tuned,
+            "adapter": adapter, "base": base}
+
+
+def test_open_clip_state_dicts_and_pickled_image_encoders_load_without_running_code(open_clip_models, tmp_path):
+    import open_clip
+
+    names = ["cat", "dog", "car"]
+    images = _images(4)
+    for key in ("a", "b"):
+        loaded = load_model(open_clip_models[key], pretrained=open_clip_models["spec"], class_names=names)
+        clip = open_clip_models["clips"][key].eval()
+        pixels = loaded.adapter.collate(images)["pixel_values"]
+        with torch.no_grad():
+            image = torch.nn.functional.normalize(clip.encode_image(pixels), dim=-1)
+            text = torch.nn.functional.normalize(
+                clip.encode_text(open_clip.SimpleTokenizer(context_length=16)([f"a photo of a {n}." for n in names])),
+                dim=-1)
+            expected = clip.logit_scale.exp() * image @ text.T
+            assert torch.allclose(loaded.model(loaded.adapter.collate(images)), expected, atol=1e-5)
+    _Exploit.marker = tmp_path / "pwned"
+    torch.save({"weights": torch.ones(2), "payload": _Exploit()}, tmp_path / "evil.pt")
+    from distac.models.pickled import load_pickled_weights
+
+    assert set(load_pickled_weights(str(tmp_path / "evil.pt"))) == {"weights"}
+    assert not _Exploit.marker.exists()
+
+
+def test_cli_merges_open_clip_checkpoints_against_a_model_spec(open_clip_models, tmp_path, capsys):
+    from distac import io
+
+    assert main(["merge", "--method", "task_arithmetic", "--pretrained", open_clip_models["spec"],
+                 "--finetuned", open_clip_models["a"], open_clip_models["b"], "--alpha", "0.5",
+                 "--out", str(tmp_path / "m"), "--no-progress"]) == 0
+    vector = io.load_state_dict(str(tmp_path / "m" / "vector"))
+    visual = {k: v for k, v in open_clip_models["adapter"].pretrained_backbone_state().items()}
+    assert set(vector) == set(visual)
+    key = "conv1.weight"
+    expected = 0.5 * sum(open_clip_models["clips"][t].visual.state_dict()[key] - visual[key] for t in ("a", "b"))
+    assert torch.allclose(vector[key], expected, atol=1e-6)
+
+
+def _tiny_hf_clip(path: Path) -> str:
+    """A tiny random transformers CLIPModel with a real CLIP tokenizer (open_clip's BPE) and image processor."""
+    import open_clip
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    bpe = open_clip.SimpleTokenizer()
+    path.mkdir(parents=True, exist_ok=True)
+    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # transformers' spelling
+    (path / "vocab.json").write_text(json.dumps({special.get(k, k): v for k, v in bpe.encoder.items()}))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n")
+    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    config = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "max_position_embeddings": 32},
+                        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    return str(path)
+
+
+def test_transformers_clip_vision_fine_tune_with_a_zero_shot_head(tmp_path):
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPVisionModel
+
+    pre = _tiny_hf_clip(tmp_path / "clip")
+    vision = CLIPVisionModel.from_pretrained(pre)
+    with torch.no_grad():
+        for parameter in vision.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(5)))
+    vision.save_pretrained(tmp_path / "ft")
+    names = ["cat", "dog"]
+    loaded = load_model(str(tmp_path / "ft"), pretrained=pre, class_names=names)
+    assert loaded.adapter.kind == "hf_clip"
+    reference = CLIPModel.from_pretrained(pre).eval()
+    reference.vision_model.load_state_dict(vision.state_dict())
+    images = _images(3)
+    from torchvision.transforms.functional import to_pil_image
+
+    pixels = AutoImageProcessor.from_pretrained(pre)(images=[to_pil_image(e.image) for e in images],
+                                                    return_tensors="pt")["pixel_values"]
+    tokens = AutoTokenizer.from_pretrained(pre)([f"a photo of a {n}." for n in names], padding=True,
+                                               return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, **tokens).logits_per_image
+        assert torch.allclose(loaded.model(loaded.adapter.collate(images)), expected, atol=1e-5)
+    pre_view, (ft_view,) = paired_backbones(pre, [str(tmp_path / "ft")])
+    assert set(ft_view) == {k for k in loaded.model.backbone_state() if k.startswith("vision_model.")}

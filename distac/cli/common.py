@@ -13,7 +13,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from distac.errors import ConfigError, DistacError
+from distac.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +105,43 @@ def parse_data_spec(raw: Any, where: str) -> Any:
     return parse(raw, where)
 
 
-def load_models(uris: Sequence[str], pretrained: str | None) -> list[Any]:
-    """Every fine-tuned model, in any form; one model family for all of them."""
-    from distac.models.resolve import load_model
+def load_model_for(uri: str, pretrained: str | None, spec: Any, args: argparse.Namespace) -> Any:
+    """One fine-tuned model in any form; a bare image-tower checkpoint takes its class names from ``spec``'s data."""
+    from distac.models.resolve import load_model, model_form
 
-    loaded = [load_model(uri, pretrained) for uri in uris]
-    specs = {json.dumps(m.adapter.spec(), sort_keys=True) for m in loaded}
-    if len(specs) > 1:
-        raise ConfigError(f"the fine-tuned models come from different model families: {sorted(specs)}")
+    if model_form(uri) != "checkpoint" and not _is_clip_dir(uri):
+        return load_model(uri, pretrained)
+    if spec is None:
+        raise ConfigError(f"{uri} is a bare checkpoint: give its task with --data (for the zero-shot head)")
+    data = _load_data(spec, uri, args, None, None)
+    return load_model(uri, pretrained, class_names=data.class_names, task=data.name)
+
+
+def _is_clip_dir(uri: str) -> bool:
+    from distac.models.resolve import HF_CLIP_TYPES, hf_config, model_form
+
+    return model_form(uri) == "hf" and hf_config(uri).get("model_type") in HF_CLIP_TYPES
+
+
+def load_models(uris: Sequence[str], pretrained: str | None, specs: Sequence[Any], args: argparse.Namespace
+                ) -> list[Any]:
+    """Every fine-tuned model, in any form; one model family for all of them."""
+    loaded = [load_model_for(uri, pretrained, spec, args) for uri, spec in zip(uris, specs)]
+    families = {json.dumps(m.adapter.spec(), sort_keys=True) for m in loaded}
+    if len(families) > 1:
+        raise ConfigError(f"the fine-tuned models come from different model families: {sorted(families)}")
     return loaded
+
+
+def _load_data(spec: Any, uri: str, args: argparse.Namespace, name: str | None, class_names: list[str] | None,
+               max_eval: int | None = None) -> Any:
+    from distac.data import DataSpec, load_task, load_task_data
+
+    seed = getattr(args, "seed", 0)
+    if isinstance(spec, DataSpec):
+        name = name or os.path.basename(uri.rstrip("/")).lower().rsplit(".", 1)[0] or "task"
+        return load_task_data(name, spec, class_names=class_names, max_eval=max_eval, seed=seed)
+    return load_task(spec or name, root=args.data_root, max_eval=max_eval, seed=seed)
 
 
 def task_data(loaded: Any, uri: str, spec: Any, args: argparse.Namespace, *, max_eval: int | None = None) -> Any:
@@ -122,19 +150,11 @@ def task_data(loaded: Any, uri: str, spec: Any, args: argparse.Namespace, *, max
     The model's class names (a checkpoint's id2label) order the classes of file data; a class count that
     differs from the model's is an error naming both.
     """
-    from distac.data import DataSpec, load_task, load_task_data
-
-    seed = getattr(args, "seed", 0)
-    if isinstance(spec, DataSpec):
-        name = loaded.task or os.path.basename(uri.rstrip("/")).lower() or "task"
-        data = load_task_data(name, spec, class_names=loaded.class_names or None, max_eval=max_eval, seed=seed)
-    else:
-        name = spec or loaded.task
-        if not name:
-            raise ConfigError(f"{uri}: the model names no task; give its data with --data")
-        data = load_task(name, root=args.data_root, max_eval=max_eval, seed=seed)
+    if spec is None and not loaded.task:
+        raise ConfigError(f"{uri}: the model names no task; give its data with --data")
+    data = _load_data(spec, uri, args, loaded.task, loaded.class_names or None, max_eval)
     if data.num_classes != loaded.meta["num_classes"]:
-        raise ConfigError(f"{uri} has {loaded.meta['num_classes']} classes but its data {spec or name} has "
+        raise ConfigError(f"{uri} has {loaded.meta['num_classes']} classes but its data {spec or loaded.task} has "
                           f"{data.num_classes} ({data.class_names})")
     return data
 

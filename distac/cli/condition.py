@@ -21,7 +21,7 @@ import torch
 
 from distac import io
 from distac.cli.common import (add_data_arguments, add_dataclass_arguments, dataclass_from_args, data_specs,
-                               task_data)
+                               load_model_for, task_data)
 from distac.cli.extract import load_pretrained, set_threads
 from distac.conditioning import ConditioningResult, DistacConfig, condition
 from distac.errors import ConfigError
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 def register(subparsers) -> None:
     parser = subparsers.add_parser("condition", help="condition a task vector with DisTaC", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", required=True, help="θ_pre: distac or HF model directory, hub id, or checkpoint")
+    parser.add_argument("--pretrained", required=True,
+                        help="θ_pre: distac or HF model directory, hub id, model spec (.json) or checkpoint")
     parser.add_argument("--finetuned", required=True,
                         help="the fine-tuned model: a distac model directory or a Hugging Face checkpoint")
     parser.add_argument("--out", required=True, help="output directory (local or s3://)")
@@ -118,16 +119,12 @@ def plot_history(result: ConditioningResult, uri: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distac.models.resolve import load_model
     from distac.models.store import save_task_model
 
-    from distac.models.hf_seqcls import quiet_transformers
-
     set_threads(args.threads)
-    quiet_transformers(progress=not args.no_progress)
     guard_output(args.out, kind="conditioned", inputs=[args.pretrained, args.finetuned], overwrite=args.overwrite)
     config = config_from_args(args)
-    loaded = load_model(args.finetuned, args.pretrained)
+    loaded = load_model_for(args.finetuned, args.pretrained, data_specs(args, 1)[0], args)
     pretrained = load_pretrained(args.pretrained, list(loaded.model.backbone_state()))
     vector = TaskVector.from_state_dicts(pretrained, loaded.model.backbone_state())
     task_name, unlabeled = unlabeled_inputs(args, loaded)

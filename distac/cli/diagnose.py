@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def register(subparsers) -> None:
     parser = subparsers.add_parser("diagnose", help="norm / confidence diagnostics and DisTaC recommendations",
                                    description=__doc__)
-    parser.add_argument("--pretrained", required=True, help="θ_pre: distac or HF model directory, hub id, or checkpoint")
+    parser.add_argument("--pretrained", required=True,
+                        help="θ_pre: distac or HF model directory, hub id, model spec (.json) or checkpoint")
     parser.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned models (any form), one per task")
     parser.add_argument("--names", nargs="+", help="task names in the order of --finetuned (default: from meta)")
     parser.add_argument("--json", help="write the diagnosis as JSON here")
@@ -60,11 +61,12 @@ def _task_names(args: argparse.Namespace, tasks: list[str | None]) -> list[str]:
 
 def _full_diagnosis_inputs(args: argparse.Namespace, uri: str, spec) -> tuple | None:
     """(loaded model, task data) when this model can be run on its task's data; None means norms only."""
-    from distac.models.resolve import load_model, model_form
+    from distac.cli.common import load_model_for
+    from distac.models.resolve import model_form
 
-    if model_form(uri) == "checkpoint":
+    if model_form(uri) == "checkpoint" and spec is None:
         return None
-    loaded = load_model(uri, args.pretrained)
+    loaded = load_model_for(uri, args.pretrained, spec, args)
     if spec is None and not loaded.task:
         log.warning("%s names no task and --data gives none: norms and cosines only", uri)
         return loaded, None

@@ -65,9 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     set_threads(args.threads)
-    loaded = load_models(args.finetuned, args.pretrained)
+    specs = data_specs(args, len(args.finetuned))
+    loaded = load_models(args.finetuned, args.pretrained, specs, args)
     tasks = [task_data(m, uri, spec, args, max_eval=args.max_eval)
-             for m, uri, spec in zip(loaded, args.finetuned, data_specs(args, len(loaded)))]
+             for m, uri, spec in zip(loaded, args.finetuned, specs)]
     adapter = loaded[0].adapter
     rows = [{"model": uri, "task": task.name,
              "accuracy": evaluate_task(model.model, getattr(task, args.split), adapter.collate, task=task.name,

@@ -19,7 +19,8 @@ from distac.data.vision import read_image_folder, read_torchvision
 from distac.errors import DistacError
 
 __all__ = ["DataError", "DataSpec", "DatasetView", "ImageExample", "TaskData", "TextExample", "GLUE_TASKS",
-           "UnlabeledSpec", "load_task", "load_task_data", "load_tasks", "parse_data_spec", "read_rows", "read_unlabeled", "unlabeled"]
+           "UnlabeledSpec", "load_task", "load_task_data", "load_tasks", "parse_data_spec", "read_rows",
+           "read_unlabeled", "unlabeled"]
 
 VISION_PREFIX = "vision:"
 IMAGE_FOLDER_PREFIX = "imagefolder:"

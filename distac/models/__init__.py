@@ -16,7 +16,7 @@ from distac.models.base import ModelAdapter, TaskModel
 
 __all__ = ["ModelAdapter", "TaskModel", "build_adapter", "load_model", "ADAPTER_KINDS"]
 
-ADAPTER_KINDS = ("hf_text", "hf_seqcls", "open_clip")
+ADAPTER_KINDS = ("hf_text", "hf_seqcls", "open_clip", "hf_clip")
 _ADAPTERS: dict[str, ModelAdapter] = {}
 
 
@@ -33,6 +33,10 @@ def _adapter_class(kind: str) -> type[ModelAdapter]:
         from distac.models.vision import OpenCLIPAdapter
 
         return OpenCLIPAdapter
+    if kind == "hf_clip":
+        from distac.models.hf_clip import HFCLIPAdapter
+
+        return HFCLIPAdapter
     raise ConfigError(f"unknown model kind {kind!r}: expected one of {list(ADAPTER_KINDS)}")
 
 

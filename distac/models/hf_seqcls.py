@@ -236,7 +236,7 @@ class HFSequenceClassificationAdapter(ModelAdapter):
 
 
 def load_sequence_classifier(path: str, adapter: HFSequenceClassificationAdapter) -> SequenceClassifierModel:
-    """A fine-tuned checkpoint as a TaskModel of ``adapter``'s family, its weights exactly as transformers loads them."""
+    """A fine-tuned checkpoint as a TaskModel of ``adapter``'s family, weights exactly as transformers loads them."""
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()

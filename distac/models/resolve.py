@@ -1,5 +1,8 @@
 """One way to name a model everywhere: a distac model directory, a Hugging Face sequence-classification
-checkpoint (directory, hub id from the local cache, or s3:// directory), or a bare checkpoint file.
+checkpoint (directory, hub id from the local cache, or s3:// directory), a model spec file (JSON, e.g.
+``{"kind": "open_clip", "model_name": "ViT-B-32", "pretrained": "openai"}``: θ_pre of a model family), or a bare
+checkpoint file (safetensors, a state dict, or a pickled module such as the task-vector literature's saved
+image encoders, read without executing code from it: ``distac.models.pickled``).
 
 - ``load_model(uri, pretrained=...)`` → ``LoadedModel`` (adapter, TaskModel in eval mode, meta with
   ``class_names``) for every form that defines a model;
@@ -25,7 +28,11 @@ from distac.errors import CheckpointError, MismatchError
 from distac.models import build_adapter, store
 from distac.models.store import LoadedModel
 
-FORMS = ("distac", "hf", "checkpoint")
+FORMS = ("distac", "hf", "spec", "checkpoint")
+SPEC_SUFFIX = ".json"
+ZERO_SHOT_KINDS = ("open_clip", "hf_clip")
+HF_CLIP_TYPES = ("clip", "clip_vision_model")
+SAME_FAMILY = {"clip_vision_model": "clip"}  # a CLIPVisionModel fine-tune of a CLIPModel
 HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -63,7 +70,32 @@ def model_form(uri: str | os.PathLike) -> str:
         return "hf"
     if not _exists(uri):
         raise CheckpointError(f"model not found: {uri}")
+    if uri.endswith(SPEC_SUFFIX) and not uri.endswith(".index.json"):
+        return "spec"
     return "checkpoint"
+
+
+def read_model_spec(uri: str) -> dict:
+    """A model spec file: a JSON adapter spec (``{"kind": ...}``, as in params.yaml's ``model:``)."""
+    try:
+        spec = io.read_json(uri)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the model spec {uri} ({exc})") from None
+    if not isinstance(spec, dict) or "kind" not in spec:
+        raise CheckpointError(f"{uri} is not a model spec: expected a JSON object with a 'kind' field")
+    return spec
+
+
+def open_raw_checkpoint(uri: str) -> io.CheckpointReader:
+    """A bare checkpoint; a torch file that pickles whole modules is read through the code-free unpickler."""
+    try:
+        return io.open_checkpoint(uri)
+    except CheckpointError:
+        if not uri.endswith(io.TORCH_SUFFIXES) or not io.is_local(uri):
+            raise
+    from distac.models.pickled import load_pickled_weights
+
+    return io.CheckpointReader(uri, tensors=load_pickled_weights(io.url_to_fs(uri)[1]))
 
 
 def local_hf_dir(uri: str) -> str:
@@ -118,10 +150,11 @@ class BackboneView(Mapping[str, torch.Tensor]):
     """A lazy checkpoint view renamed to encoder keys: ``<prefix>.<key>`` → ``<key>``, other keys dropped."""
 
     def __init__(self, reader: io.CheckpointReader, uri: str, prefix: str = "", drop: Sequence[str] = (),
-                 form: str = "checkpoint"):
+                 form: str = "checkpoint", keep: Sequence[str] = ("",)):
         self.reader, self.uri, self.form = reader, uri, form
-        self._source = {key[len(prefix):]: key for key in reader
-                        if key.startswith(prefix) and not key[len(prefix):].startswith(tuple(drop))}
+        self._source = {key[len(prefix):]: key for key in reader if key.startswith(prefix)
+                        and key[len(prefix):].startswith(tuple(keep))
+                        and not key[len(prefix):].startswith(tuple(drop))}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.reader[self._source[key]]
@@ -159,12 +192,34 @@ def backbone_checkpoint(uri: str | os.PathLike) -> BackboneView:
         target = store.backbone_uri(uri)
         return BackboneView(io.open_checkpoint(target), uri, form=form)
     if form == "checkpoint":
-        return BackboneView(io.open_checkpoint(uri), uri)
+        return BackboneView(open_raw_checkpoint(uri), uri)
+    if form == "spec":
+        state = build_adapter(read_model_spec(uri)).pretrained_backbone_state()
+        return BackboneView(io.CheckpointReader(uri, tensors=state), uri, form=form)
     reader = io.open_checkpoint(hf_weights_uri(uri))
+    if hf_config(uri).get("model_type") in HF_CLIP_TYPES:  # CLIP: the image tower
+        from distac.models.hf_clip import BACKBONE_PREFIXES
+
+        return BackboneView(reader, uri, form=form, keep=BACKBONE_PREFIXES)
     prefix = base_model_prefix(uri) + "."
     if any(key.startswith(prefix) for key in reader):  # a classification (or pretraining) checkpoint
         return BackboneView(reader, uri, prefix, drop=("pooler.",), form=form)
     return BackboneView(reader, uri, form=form)  # a bare encoder (AutoModel.save_pretrained)
+
+
+def align_to(view: BackboneView, reference: Mapping[str, torch.Tensor]) -> BackboneView:
+    """``view`` renamed to ``reference``'s keys when its own keys carry an extra prefix (a full CLIP state dict
+    ``visual.*`` or a pickled image encoder ``model.visual.*`` against an image tower's θ_pre)."""
+    if all(key in reference for key in view) or view.form not in ("checkpoint", "hf"):
+        return view
+    anchor = next(iter(reference), None)
+    for key in view:
+        if anchor is not None and key.endswith("." + anchor):
+            prefix = key[:-len(anchor)]
+            renamed = BackboneView(view.reader, view.uri, prefix)
+            if len(renamed) and all(k in reference for k in renamed):
+                return renamed
+    return view
 
 
 def paired_backbones(pretrained: str | os.PathLike, finetuned: Sequence[str | os.PathLike]
@@ -176,11 +231,11 @@ def paired_backbones(pretrained: str | os.PathLike, finetuned: Sequence[str | os
     another shape, naming the tensor and both files.
     """
     pre = backbone_checkpoint(pretrained)
-    models = [backbone_checkpoint(uri) for uri in finetuned]
+    models = [align_to(backbone_checkpoint(uri), pre) for uri in finetuned]
     for model in models:
         if pre.form == model.form == "hf":
             ours, theirs = hf_config(model.uri).get("model_type"), hf_config(pre.uri).get("model_type")
-            if ours != theirs:
+            if SAME_FAMILY.get(ours, ours) != SAME_FAMILY.get(theirs, theirs):
                 raise MismatchError(f"{io.join_uri(model.uri, HF_CONFIG)}: model_type {ours!r}, but the pretrained "
                                     f"model's {io.join_uri(pre.uri, HF_CONFIG)} has {theirs!r} (another architecture)")
         for key in model:
@@ -217,13 +272,49 @@ def _hf_meta(uri: str, adapter_spec: dict, config: dict, task: str | None) -> di
             "num_classes": num_classes, "class_names": names, "extra": {"source": uri, "form": "hf"}}
 
 
+def _family_spec(pretrained: str) -> dict | None:
+    """The adapter spec θ_pre defines: a model spec file, or a distac directory's meta."""
+    form = model_form(pretrained)
+    if form == "spec":
+        return read_model_spec(pretrained)
+    if form == "distac":
+        return store.load_meta(pretrained)["adapter"]
+    if form == "hf" and hf_config(pretrained).get("model_type") == "clip":
+        return {"kind": "hf_clip", "name_or_path": local_hf_dir(pretrained)}
+    return None
+
+
+def load_image_tower(uri: str, pretrained: str | os.PathLike | None, class_names: Sequence[str] | None,
+                     task: str | None) -> LoadedModel:
+    """A bare image-tower checkpoint (open_clip state dict, pickled image encoder, transformers CLIP vision
+    weights) served with a zero-shot head of ``pretrained``'s family for ``class_names``."""
+    spec = _family_spec(str(pretrained)) if pretrained is not None else None
+    if spec is None or spec.get("kind") not in ZERO_SHOT_KINDS:
+        raise CheckpointError(f"{uri} is a bare checkpoint: it holds weights but no model definition. Give "
+                              "--pretrained as a model spec file (e.g. {\"kind\": \"open_clip\", ...}) for image "
+                              "towers, or a distac model directory or a transformers directory with config.json")
+    if not class_names:
+        raise CheckpointError(f"{uri}: a zero-shot head needs the task's class names (give the task's data)")
+    adapter = build_adapter(spec)
+    _, (view,) = paired_backbones(str(pretrained), [uri])
+    state = adapter.pretrained_backbone_state()  # tensors the checkpoint lacks keep θ_pre's value
+    state.update({key: view[key] for key in view})
+    model = adapter.build(len(class_names), list(class_names))
+    model.load_backbone(state)
+    meta = {"format": store.FORMAT, "role": "finetuned", "adapter": adapter.spec(), "task": task,
+            "num_classes": len(class_names), "class_names": list(class_names),
+            "extra": {"source": uri, "form": "checkpoint"}}
+    return LoadedModel(adapter, model.eval(), meta)
+
+
 def load_model(uri: str | os.PathLike, pretrained: str | os.PathLike | None = None, *, task: str | None = None,
-               max_length: int | None = None) -> LoadedModel:
+               class_names: Sequence[str] | None = None, max_length: int | None = None) -> LoadedModel:
     """Any supported fine-tuned model as (adapter, TaskModel, meta); ``meta['class_names']`` is [] when unknown.
 
     ``pretrained`` (an HF directory or hub id) makes the adapter's θ_pre that model, so its task vector and
-    freshly built models come from it; without it an imported checkpoint is its own θ_pre. ``task`` names
-    the task of an imported checkpoint (a distac directory knows its own).
+    freshly built models come from it; without it an imported checkpoint is its own θ_pre. A bare image-tower
+    checkpoint needs ``pretrained`` as a model spec (or distac directory) of a CLIP family and the task's
+    ``class_names`` for its zero-shot head. ``task`` names the task of an imported model.
     """
     from distac.models.hf_seqcls import has_tokenizer, load_sequence_classifier
 
@@ -232,9 +323,11 @@ def load_model(uri: str | os.PathLike, pretrained: str | os.PathLike | None = No
     if form == "distac":
         return store.load_task_model(uri)
     if form == "checkpoint":
-        raise CheckpointError(f"{uri} is a bare checkpoint: it holds weights but no model definition, so it can "
-                              "be merged and its vector extracted, but not run (give a distac model directory "
-                              "or a transformers directory with config.json)")
+        return load_image_tower(uri, pretrained, class_names, task)
+    if form == "spec":
+        raise CheckpointError(f"{uri} is a model spec (θ_pre of a model family), not a fine-tuned model")
+    if hf_config(uri).get("model_type") in HF_CLIP_TYPES:
+        return load_image_tower(uri, pretrained, class_names, task)
     local = local_hf_dir(uri)
     source = local
     if pretrained is not None and model_form(str(pretrained)) == "hf":

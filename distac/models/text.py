@@ -105,6 +105,9 @@ class HFTextAdapter(ModelAdapter):
         if Path(path).is_dir():
             options["local_files_only"] = True
         logger.info("loading %s (%s)", path, self.architecture)
+        from distac.models.hf_seqcls import quiet_transformers
+
+        quiet_transformers()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **options)
             if self.architecture == "encoder":
