@@ -3,19 +3,22 @@
 The reference is the published DisTaC loop, kept fixed in this file so the baseline does not move when the
 library changes: every step tokenises its batch, runs the frozen teacher on it, puts β‖θ − θ_0‖² through
 autograd and steps torch's default Adam. The library collates the unlabeled set once, caches the teacher's
-logits, adds the regulariser's gradient 2β(θ − θ_0) with multi-tensor ops and steps a fused Adam.
+logits, adds the regulariser's gradient 2β(θ − θ_0) with multi-tensor ops and steps a fused Adam; the
+third mode adds length bucketing (``length_bucketing=True``: other batches, so other, equally good, weights).
 
-Both modes see the same model, inputs, seeded batches, κ, lr and β; each runs in a fresh subprocess so its
-peak RSS is its own; they alternate for ``--repeats`` rounds and each mode's fastest run counts (a shared
+Every mode sees the same model, inputs, seed, κ, lr and β (the first two the very same batches); each runs
+in a fresh subprocess so its peak RSS is its own; they alternate for ``--repeats`` rounds and each mode's fastest run counts (a shared
 machine's load drifts). The model is the bundled MiniLM (``--tiny``: a 2-layer random BERT) whose source is
 θ_pre plus a seeded perturbation with a seeded, scaled head (speed does not depend on how the source was
 trained); the unlabeled inputs are training sentences of ``--task``.
 
 Reported per mode: wall time of the whole conditioning (the library's includes collating the set and
 building the teacher cache), steps/s, teacher forward passes, peak RSS, peak CUDA memory on a GPU; then the
-library/reference speed ratio and how far apart the two final task vectors are (max |Δ| and ‖Δ‖ relative
-to how far the student moved from its anchor, with and without the attention key biases, whose true
-gradient is zero so Adam turns rounding noise in it into ±lr steps that change no output).
+library/reference speed ratios, each mode's final KL(teacher ‖ student) over all unlabeled inputs (how
+well it distilled; comparable across batchings), and how far apart the reference's and the library's
+(same batches) final task vectors are (max |Δ| and ‖Δ‖ relative to how far the student moved from
+its anchor, with and without the attention key biases, whose true gradient is zero so Adam turns rounding
+noise in it into ±lr steps that change no output).
 
   python benchmarks/distac_bench.py                           # MiniLM, SST-2, 40 steps, batch 32, 256 inputs
   python benchmarks/distac_bench.py --tiny --steps 20 --repeats 1
@@ -39,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "distac_bench.json"
-MODES = ("reference", "distac")
+MODES = ("reference", "distac", "distac_bucketed")
 ZERO_GRADIENT_SUFFIX = "attention.self.key.bias"  # softmax is invariant to it: its true gradient is 0
 
 # The parent stays lean (no torch import until every child has run): ru_maxrss survives fork + exec, so a
@@ -90,6 +93,25 @@ def reference_condition(model, pretrained, vector, examples, collate, config):
     return {k: (state[k].float() - pretrained[k].to(device)).cpu() for k in vector}
 
 
+def distillation_gap(adapter, student, pretrained, vector, unlabeled, device) -> float:
+    """KL(teacher ‖ student) averaged over every unlabeled input after the run: how well each mode
+    distilled, comparable across batchings (outside the timed part)."""
+    import torch
+
+    from distac.conditioning import distillation_loss
+
+    teacher = adapter.build(student.head.out_features, seed=1).to(device)
+    teacher.load_head(student.head_state())
+    teacher.load_backbone(vector.apply_to(pretrained))
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(unlabeled), 64):
+            inputs = {k: v.to(device) for k, v in adapter.collate(unlabeled[start:start + 64]).items()}
+            count = min(64, len(unlabeled) - start)
+            total += count * float(distillation_loss(student.eval()(inputs), teacher.eval()(inputs), 1.0, 1.0))
+    return total / len(unlabeled)
+
+
 def run_child(args: argparse.Namespace) -> dict:
     """One DisTaC run in this process; saves its final vector to ``args.vector_out``; returns measurements."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -117,7 +139,7 @@ def run_child(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         model.head.weight.mul_(20)  # a confident teacher, so distillation has something to recover
     config = DistacConfig(kappa=0.5, lr=args.lr, beta=0.1, steps=args.steps, batch_size=args.batch_size,
-                          log_every=args.steps)
+                          log_every=args.steps, length_bucketing=args.child == "distac_bucketed")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
@@ -131,11 +153,12 @@ def run_child(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    final_kd = distillation_gap(adapter, model, pretrained, vector, unlabeled, device)
     io.save_state_dict({k: v.contiguous() for k, v in final.items()}, args.vector_out)
     io.save_state_dict({k: config.kappa * v for k, v in vector.items()}, args.vector_out + ".anchor")
     return {
         "mode": args.child, "device": str(device), "seconds": seconds, "steps_per_s": args.steps / seconds,
-        "teacher_forward_passes": forward_passes,
+        "teacher_forward_passes": forward_passes, "final_kd": final_kd,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "parameters": sum(v.numel() for v in pretrained.values()), "unlabeled": len(unlabeled),
@@ -184,11 +207,13 @@ def uptime() -> str:
 
 
 def table(runs: dict[str, dict]) -> str:
-    lines = ["| mode | wall s | steps/s | teacher fwd | peak RSS MB | peak CUDA MB |", "|---|---|---|---|---|---|"]
+    lines = ["| mode | wall s | steps/s | × reference | final KD | teacher fwd | peak RSS MB | peak CUDA MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for mode, r in runs.items():
         cuda = "–" if r["peak_cuda_mb"] is None else f"{r['peak_cuda_mb']:.0f}"
-        lines.append(f"| {mode} | {r['seconds']:.2f} | {r['steps_per_s']:.3f} | {r['teacher_forward_passes']} | "
-                     f"{r['peak_rss_mb']:.0f} | {cuda} |")
+        ratio = r["steps_per_s"] / runs["reference"]["steps_per_s"]
+        lines.append(f"| {mode} | {r['seconds']:.2f} | {r['steps_per_s']:.3f} | {ratio:.2f} | {r['final_kd']:.4g} | "
+                     f"{r['teacher_forward_passes']} | {r['peak_rss_mb']:.0f} | {cuda} |")
     return "\n".join(lines)
 
 
@@ -225,6 +250,7 @@ def main() -> None:
                                     os.path.join(scratch, "distac.safetensors"))
     runs = {mode: max(tries, key=lambda r: r["steps_per_s"]) for mode, tries in attempts.items()}
     summary = {"speedup": runs["distac"]["steps_per_s"] / runs["reference"]["steps_per_s"],
+               "speedup_bucketed": runs["distac_bucketed"]["steps_per_s"] / runs["reference"]["steps_per_s"],
                "agreement": agreement}
     settings = {"model": "tiny random BERT" if args.tiny else "MiniLM-L6 (bundled)", "task": args.task,
                 "steps": args.steps, "batch_size": args.batch_size, "num_unlabeled": args.num_unlabeled,
@@ -235,7 +261,8 @@ def main() -> None:
           f"{args.num_unlabeled} unlabeled inputs, {runs['distac']['device']}; {settings['uptime_after']}")
     print(table(runs))
     rest = agreement["without_key_biases"]
-    print(f"distac / reference: {summary['speedup']:.2f}x steps/s; final vectors bit-identical: "
+    print(f"distac / reference: {summary['speedup']:.2f}x steps/s (length-bucketed: "
+          f"{summary['speedup_bucketed']:.2f}x); distac vs reference final vectors bit-identical: "
           f"{agreement['bit_identical']}, ‖Δ‖/‖τ' − κτ‖ {agreement['all']['relative_diff']:.2e} "
           f"({rest['relative_diff']:.2e} without the attention key biases, max |Δ| {rest['max_abs_diff']:.2e})")
     out = Path(args.out)

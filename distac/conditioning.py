@@ -40,6 +40,7 @@ LogCallback = Callable[[int, dict[str, float]], None]
 Probe = Callable[[TaskModel], Mapping[str, float]]
 
 INPUT_CACHE_BYTES = 1 << 30  # collate the unlabeled set once when it fits in this; else batch by batch
+BUCKET_WINDOW = 16  # length bucketing sorts windows of this many batches
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -67,6 +68,7 @@ class DistacConfig:
     log_every: int = 10
     seed: int = 0
     cache_teacher: bool = True
+    length_bucketing: bool = False  # batches of similar-length inputs (text): less padding, other batches
 
     def __post_init__(self) -> None:
         if self.kappa is not None and self.target_norm is not None:
@@ -253,16 +255,36 @@ def _select_unlabeled(unlabeled: Sequence[Any], config: DistacConfig) -> Sequenc
 
 
 class _BatchSampler:
-    """Seeded epoch-wise shuffling: every input is seen once per epoch, in a fresh order each epoch."""
+    """Seeded epoch-wise shuffling: every input is seen once per epoch, in a fresh order each epoch.
 
-    def __init__(self, size: int, batch_size: int, seed: int):
+    With ``lengths`` (length bucketing), each epoch's shuffled order is cut into windows of
+    ``BUCKET_WINDOW`` batches, each window is sorted by length and cut into batches, and the epoch's
+    batches are shuffled: a batch holds inputs of similar length, so it pads (and computes) little.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, lengths: torch.Tensor | None = None):
         self.size, self.batch_size = size, min(batch_size, size)
+        self.lengths = lengths
         self.generator = torch.Generator().manual_seed(seed)
-        self.order, self.position = torch.randperm(size, generator=self.generator), 0
+        self.order, self.position = self._epoch(), 0
+
+    def _epoch(self) -> torch.Tensor:
+        order = torch.randperm(self.size, generator=self.generator)
+        if self.lengths is None:
+            return order
+        usable = self.size - self.size % self.batch_size
+        window = BUCKET_WINDOW * self.batch_size
+        batches = []
+        for start in range(0, usable, window):
+            chunk = order[start:min(start + window, usable)]
+            chunk = chunk[torch.sort(self.lengths[chunk], stable=True).indices]
+            batches += list(chunk.split(self.batch_size))
+        shuffled = torch.randperm(len(batches), generator=self.generator).tolist()
+        return torch.cat([batches[i] for i in shuffled])
 
     def next(self) -> torch.Tensor:
-        if self.position + self.batch_size > self.size:
-            self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
+        if self.position + self.batch_size > len(self.order):
+            self.order, self.position = self._epoch(), 0
         batch = self.order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
         return batch
@@ -297,11 +319,14 @@ class _Inputs:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def lengths(self) -> torch.Tensor | None:
+        """Each input's sequence length (on the CPU), or None when there is nothing to cut."""
+        return None if self.mask is None else self.mask.sum(dim=1).cpu()
+
     def by_length(self) -> torch.Tensor:
         """Positions sorted by sequence length (stable; the identity order when there is nothing to cut)."""
-        if self.mask is None:
-            return torch.arange(len(self))
-        return torch.sort(self.mask.sum(dim=1).cpu(), stable=True).indices
+        lengths = self.lengths()
+        return torch.arange(len(self)) if lengths is None else torch.sort(lengths, stable=True).indices
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Model inputs for the examples at ``index`` (positions in the selected set), on the device."""
@@ -488,7 +513,8 @@ def _distill(model: TaskModel, anchored: _Anchored, teacher: _Teacher, inputs: _
              progress: bool, on_log: LogCallback | None, probe: Probe | None) -> list[dict[str, float]]:
     """The optimization loop: Adam on KD + β‖θ − θ_0‖² over the anchored tensors; returns the logged history."""
     optimizer = _optimizer(anchored.params, config)
-    sampler = _BatchSampler(len(inputs), config.batch_size, config.seed)
+    lengths = inputs.lengths() if config.length_bucketing else None
+    sampler = _BatchSampler(len(inputs), config.batch_size, config.seed, lengths)
     history: list[dict[str, float]] = []
     if probe is not None:
         history.append({"step": 0, "norm": anchored.delta_norm(), **_probed(probe, model)})

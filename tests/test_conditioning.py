@@ -341,3 +341,32 @@ def test_teacher_cache_in_length_order_is_in_input_order(text_adapter):
     with torch.no_grad():
         one_by_one = torch.cat([model(adapter.collate([example])) for example in singles])
     torch.testing.assert_close(teacher.cache, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_length_bucketed_sampler_covers_each_epoch_with_similar_length_batches():
+    from distac.conditioning import BUCKET_WINDOW, _BatchSampler
+
+    lengths = torch.tensor([(7 * i) % 50 + 1 for i in range(100)])
+    sampler = _BatchSampler(100, 8, seed=3, lengths=lengths)
+    per_epoch = 100 // 8
+    for _ in range(2):
+        batches = [sampler.next() for _ in range(per_epoch)]
+        seen = torch.cat(batches)
+        assert len(set(seen.tolist())) == len(seen) == 96  # each input at most once; the remainder dropped
+        spread = [int(lengths[b].max() - lengths[b].min()) for b in batches]
+        assert max(spread) < 50 // (per_epoch // 2)  # a sorted window: similar lengths share a batch
+    assert BUCKET_WINDOW * 8 >= 96  # (one window per epoch here)
+    first, second = (_BatchSampler(100, 8, seed=3, lengths=lengths) for _ in range(2))  # seeded
+    assert all(torch.equal(first.next(), second.next()) for _ in range(2 * per_epoch))
+
+
+def test_length_bucketing_runs_distac_on_text(text_adapter):
+    adapter, singles, _ = text_adapter
+    source = adapter.build(2, seed=3)
+    pretrained = adapter.pretrained_backbone_state()
+    vector = TaskVector.from_state_dicts(pretrained, source.backbone_state()) + TaskVector(
+        {k: 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) for k, v in pretrained.items()})
+    config = DistacConfig(kappa=0.5, lr=1e-3, steps=6, batch_size=8, log_every=3, length_bucketing=True)
+    result = condition(source, pretrained, vector, singles, adapter.collate, config, progress=False)
+    assert [h["step"] for h in result.history] == [3, 6]
+    assert result.anchor_norm < result.final_norm and result.config.to_dict()["length_bucketing"]
