@@ -464,3 +464,33 @@ def test_transformers_clip_vision_fine_tune_with_a_zero_shot_head(tmp_path):
         assert torch.allclose(loaded.model(loaded.adapter.collate(images)), expected, atol=1e-5)
     pre_view, (ft_view,) = paired_backbones(pre, [str(tmp_path / "ft")])
     assert set(ft_view) == {k for k in loaded.model.backbone_state() if k.startswith("vision_model.")}
+
+
+def test_image_tasks_from_datasets_and_from_tables_of_paths_are_lazy(tmp_path):
+    import datasets
+    from PIL import Image
+
+    from distac.data import DatasetView, ImageExample
+
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    images = [Image.new("RGB", (8, 8), colour) for colour in colours.values()] * 4
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(colours))})
+    table = {"img": images, "label": [0, 1, 2] * 4}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(table, features=features),
+                          "test": datasets.Dataset.from_dict(table, features=features)}
+                         ).save_to_disk(str(tmp_path / "colours"))
+    task = load_task_data("colours", DataSpec(dataset=str(tmp_path / "colours"), image="img"))
+    assert task.class_names == ["red", "green", "blue"]  # the ClassLabel's names, in its order
+    assert isinstance(task.test, DatasetView) and len(task.test) == 12
+    first = task.test[1]
+    assert isinstance(first, ImageExample) and first.label == 1 and first.image.getpixel((0, 0)) == (0, 255, 0)
+    (tmp_path / "pics").mkdir()
+    rows = []
+    for i, (name, colour) in enumerate(list(colours.items()) * 2):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "pics" / f"{i}.png")
+        rows.append({"path": f"pics/{i}.png", "colour": name})
+    spec = DataSpec(train=_write_csv(tmp_path / "train.csv", rows), test=_write_csv(tmp_path / "test.csv", rows),
+                    image="path", label="colour")
+    task = load_task_data("pics", spec)
+    assert task.class_names == ["blue", "green", "red"]
+    assert task.test[0].label == 2 and task.test[0].image.getpixel((0, 0)) == (255, 0, 0)

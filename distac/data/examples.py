@@ -106,7 +106,8 @@ class TaskData:
     """A classification task: its splits, class count and class names (index = label).
 
     ``unlabeled_pool``: the inputs DisTaC conditions on when they are not this task's training inputs (a
-    file of unlabeled inputs, or another task's inputs as surrogate data); None means the training inputs.
+    file of unlabeled inputs, or another task's inputs as surrogate data; any labels there are dropped when
+    drawn); None means the training inputs.
     """
 
     name: str

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io as _stdio
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from distac import io
@@ -96,8 +95,8 @@ def _datasets_module():
     return datasets
 
 
-def read_dataset_dir(uri: str, split: str | None = None) -> list[dict[str, Any]]:
-    """The rows of a ``save_to_disk`` directory; a DatasetDict needs ``split``."""
+def open_dataset_dir(uri: str, split: str | None = None) -> Any:
+    """A ``datasets.Dataset`` from a ``save_to_disk`` directory; a DatasetDict needs ``split``."""
     datasets = _datasets_module()
     try:
         loaded = datasets.load_from_disk(uri)
@@ -110,22 +109,41 @@ def read_dataset_dir(uri: str, split: str | None = None) -> list[dict[str, Any]]
         loaded = loaded[split]
     elif split is not None and split != "train" and split != loaded.split:
         raise DataError(f"{uri} holds a single split; it has no split {split!r}")
-    return loaded.to_list()
+    return loaded
 
 
-def read_hub_split(dataset: str, config: str | None, split: str) -> list[dict[str, Any]]:
+def open_hub_split(dataset: str, config: str | None, split: str) -> Any:
     """One split of a Hugging Face hub dataset, from the local ``datasets`` cache when the hub is offline."""
     datasets = _datasets_module()
     try:
-        loaded = datasets.load_dataset(dataset, config, split=split)
+        return datasets.load_dataset(dataset, config, split=split)
     except Exception as exc:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ValueError)
         where = f"{dataset}" + (f" (config {config!r})" if config else "")
         raise DataError(f"cannot load split {split!r} of the hub dataset {where}: {exc}") from None
-    return loaded.to_list()
 
 
-def read_rows(uri: str, split: str | None = None) -> list[dict[str, Any]]:
-    """The rows of one table file or ``save_to_disk`` directory, each a dict of column → value."""
+def read_dataset_dir(uri: str, split: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a ``save_to_disk`` directory."""
+    return open_dataset_dir(uri, split).to_list()
+
+
+def class_label_names(table: Any, column: str) -> list[str] | None:
+    """The names of a ``datasets`` ClassLabel column (None for plain rows or another feature type)."""
+    names = getattr(getattr(table, "features", {}).get(column), "names", None)
+    return [str(name) for name in names] if names else None
+
+
+def column_names(table: Any) -> list[str]:
+    if hasattr(table, "column_names"):
+        return list(table.column_names)
+    return list(table[0]) if table else []
+
+
+def read_rows(uri: str, split: str | None = None, lazy: bool = False) -> Any:
+    """The rows of one table file or ``save_to_disk`` directory, each a dict of column → value.
+
+    ``lazy``: a ``save_to_disk`` directory stays a ``datasets.Dataset`` (rows decoded on access, e.g. images).
+    """
     uri = str(uri)
     lowered = uri.lower().rstrip("/")
     if lowered.endswith(".csv"):
@@ -137,7 +155,7 @@ def read_rows(uri: str, split: str | None = None) -> list[dict[str, Any]]:
     if lowered.endswith(".parquet"):
         return _read_parquet(uri)
     if is_dataset_dir(uri):
-        return read_dataset_dir(uri, split)
+        return open_dataset_dir(uri, split) if lazy else read_dataset_dir(uri, split)
     fs, path = io.url_to_fs(uri)
     if not fs.exists(path):
         raise DataError(f"data file not found: {uri}")
@@ -145,11 +163,11 @@ def read_rows(uri: str, split: str | None = None) -> list[dict[str, Any]]:
                     "save_to_disk directory)")
 
 
-def check_columns(rows: Sequence[dict[str, Any]], columns: dict[str, str | None], source: str) -> None:
-    """Every named column (field → column) exists in the first row; the error lists the columns there are."""
-    if not rows:
+def check_columns(rows: Any, columns: dict[str, str | None], source: str) -> None:
+    """Every named column (field → column) exists; the error lists the columns there are."""
+    if not len(rows):
         return
-    present = list(rows[0])
+    present = column_names(rows)
     for field, column in columns.items():
-        if column is not None and column not in rows[0]:
+        if column is not None and column not in present:
             raise DataError(f"{source}: no column {column!r} (the {field} column); it has {present}")

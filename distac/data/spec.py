@@ -20,8 +20,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distac.data.examples import TaskData, TextExample, split_off, subsample, unlabeled
-from distac.data.files import DataError, check_columns, is_dataset_dir, read_hub_split, read_rows
+from distac.data.examples import DatasetView, TaskData, TextExample, split_off, subsample
+from distac.data.files import (DataError, check_columns, class_label_names, is_dataset_dir, open_dataset_dir,
+                               open_hub_split, read_rows)
 
 SPLITS = ("train", "validation", "test")
 
@@ -64,6 +65,8 @@ class DataSpec(_Spec):
     splits: dict[str, str] = Field(default_factory=lambda: {"train": "train", "test": "test"})
     text: str = "text"
     text_pair: str | None = None
+    image: str | None = Field(None, description="image column (an image task): `datasets` Image features, or "
+                                                "paths relative to the table file")
     label: str = "label"
     class_names: list[str] | None = None
     unlabeled: UnlabeledSpec | None = None
@@ -108,20 +111,56 @@ def parse_data_spec(raw: Any, where: str = "data") -> DataSpec:
 # --------------------------------------------------------------------------------------------- rows → examples
 
 
-def _split_rows(spec: DataSpec, split: str) -> tuple[list[dict[str, Any]], str] | None:
-    """(rows, source name) of one split, or None when the spec does not give it."""
+def _split_table(spec: DataSpec, split: str) -> tuple[Any, str] | None:
+    """(rows or a lazy ``datasets.Dataset``, source name) of one split, or None when the spec does not give it."""
     if spec.dataset is None:
         uri = getattr(spec, split)
-        return None if uri is None else (read_rows(uri), uri)
+        return None if uri is None else (read_rows(uri, lazy=True), uri)
     name = spec.splits.get(split)
     if name is None:
         return None
     if is_dataset_dir(spec.dataset):
-        from distac.data.files import read_dataset_dir
-
-        return read_dataset_dir(spec.dataset, name), f"{spec.dataset} (split {name!r})"
+        return open_dataset_dir(spec.dataset, name), f"{spec.dataset} (split {name!r})"
     source = f"hub dataset {spec.dataset}" + (f"/{spec.config}" if spec.config else "") + f" (split {name!r})"
-    return read_hub_split(spec.dataset, spec.config, name), source
+    return open_hub_split(spec.dataset, spec.config, name), source
+
+
+def _rows(table: Any) -> list[dict[str, Any]]:
+    return table.to_list() if hasattr(table, "to_list") else table
+
+
+class _ImageTable:
+    """(image, label) per row, the image decoded (or opened from its path) only on access: what a lazy
+    ``DatasetView`` reads, so a large image set is never decoded up front."""
+
+    def __init__(self, table: Any, column: str, labels: list[int], base: str | None):
+        self.table, self.column, self.labels, self.base = table, column, labels, base
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        value = self.table[index][self.column]
+        if isinstance(value, dict) and value.get("bytes"):  # an encoded datasets Image in a plain table
+            from io import BytesIO
+
+            from PIL import Image
+
+            value = Image.open(BytesIO(value["bytes"]))
+        elif isinstance(value, str):
+            from PIL import Image
+
+            from distac import io
+
+            uri = value if self.base is None or "://" in value or os.path.isabs(value) else \
+                io.join_uri(self.base, value)
+            fs, path = io.url_to_fs(uri)
+            with fs.open(path, "rb") as handle:
+                value = Image.open(handle)
+                value.load()
+        if hasattr(value, "convert"):
+            value = value.convert("RGB")
+        return value, self.labels[index]
 
 
 def _text(row: Mapping[str, Any], column: str, field: str, source: str, number: int) -> str | None:
@@ -188,9 +227,13 @@ def class_order(train_labels: Sequence[int | str], given: Sequence[str] | None) 
     return [str(label) for label in distinct], {label: i for i, label in enumerate(distinct)}
 
 
-def _labels(rows: Sequence[Mapping[str, Any]], column: str, source: str) -> list[int | str]:
-    check_columns(rows, {"label": column}, source)
-    return [_raw_label(row, column, source, number) for number, row in enumerate(rows, start=1)]
+def _labels(table: Any, column: str, source: str) -> list[int | str]:
+    """The raw label of every row; a ``datasets.Dataset`` column is read without decoding other columns."""
+    if not len(table):
+        raise DataError(f"{source} has no rows (an empty split)")
+    check_columns(table, {"label": column}, source)
+    values = list(table[column]) if hasattr(table, "column_names") else [row.get(column) for row in table]
+    return [_raw_label({column: value}, column, source, number) for number, value in enumerate(values, start=1)]
 
 
 def _to_examples(inputs: list[tuple[str, str | None]], labels: list[int | str], index: Mapping, names: list[str],
@@ -211,48 +254,63 @@ def read_unlabeled(spec: UnlabeledSpec, text: str, text_pair: str | None) -> lis
     return [TextExample(a, b, None) for a, b in inputs]
 
 
+def _examples(spec: DataSpec, table: Any, source: str, labels: list[int | str], index: Mapping, names: list[str],
+              reference: str) -> Sequence:
+    """Labelled examples of one split: TextExamples, or a lazy view of ImageExamples for an image column."""
+    if spec.image is None:
+        inputs = rows_to_inputs(_rows(table), source, spec.text, spec.text_pair)
+        return _to_examples(inputs, labels, index, names, source, spec.label, reference)
+    check_columns(table, {"image": spec.image}, source)
+    indices = [example.label for example in _to_examples([("", None)] * len(labels), labels, index, names, source,
+                                                         spec.label, reference)]
+    base = None if hasattr(table, "column_names") or spec.dataset else os.path.dirname(source)
+    return DatasetView(_ImageTable(table, spec.image, indices, base or None))
+
+
 def load_task_data(name: str, spec: DataSpec | Mapping[str, Any], *, class_names: Sequence[str] | None = None,
                    max_train: int | None = None, max_eval: int | None = None, validation_fraction: float = 0.1,
                    seed: int = 0, other_tasks: Mapping[str, TaskData] | None = None) -> TaskData:
     """A task's splits from the files or dataset of ``spec`` (subsampling and hold-out as ``load_task``).
 
-    ``class_names`` (e.g. a checkpoint's ``id2label`` names) override ``spec.class_names``.
-    ``other_tasks`` resolves ``unlabeled: {from_task: ...}``.
+    ``class_names`` (e.g. a checkpoint's ``id2label`` names) override ``spec.class_names``, which override
+    the names of a ``datasets`` ClassLabel column. ``other_tasks`` resolves ``unlabeled: {from_task: ...}``.
     """
     spec = parse_data_spec(spec, f"task {name!r}")
     for field, value in (("max_train", max_train), ("max_eval", max_eval)):
         if value is not None and value < 1:
             raise DataError(f"{field} must be ≥ 1 (or None for all), got {value}")
-    loaded = {split: _split_rows(spec, split) for split in SPLITS}
-    train_rows, train_source = loaded["train"]
-    train_inputs = rows_to_inputs(train_rows, train_source, spec.text, spec.text_pair)
-    train_labels = _as_integers(_labels(train_rows, spec.label, train_source))
-    given = class_names if class_names is not None else spec.class_names
+    loaded = {split: _split_table(spec, split) for split in SPLITS}
+    train_table, train_source = loaded["train"]
+    train_labels = _as_integers(_labels(train_table, spec.label, train_source))
+    given = next((g for g in (class_names, spec.class_names, class_label_names(train_table, spec.label))
+                  if g is not None), None)
     names, index = class_order(train_labels, given)
     reference = "the class names given" if given is not None else f"the training split ({train_source})"
-    train = _to_examples(train_inputs, train_labels, index, names, train_source, spec.label, reference)
-    splits = {}
+    splits = {"train": _examples(spec, train_table, train_source, train_labels, index, names, reference)}
     for split in ("validation", "test"):
         if loaded[split] is None:
             continue
-        rows, source = loaded[split]
-        labels = _labels(rows, spec.label, source)
+        table, source = loaded[split]
+        labels = _labels(table, spec.label, source)
         labels = _as_integers(labels) if all(isinstance(x, int) for x in train_labels) else [str(x) for x in labels]
-        splits[split] = _to_examples(rows_to_inputs(rows, source, spec.text, spec.text_pair), labels, index, names,
-                                     source, spec.label, reference)
+        splits[split] = _examples(spec, table, source, labels, index, names, reference)
+    train = splits["train"]
     if "validation" in splits:
         validation = splits["validation"]
     else:
         train, validation = split_off(train, validation_fraction, f"{name}-validation-{seed}")
     pool = None
     if spec.unlabeled is not None and spec.unlabeled.path is not None:
+        if spec.image is not None:
+            raise DataError(f"task {name!r}: an unlabeled file is for text tasks; an image task takes "
+                            "`unlabeled: {from_task: ...}` or its own training images")
         pool = read_unlabeled(spec.unlabeled, spec.text, spec.text_pair)
     elif spec.unlabeled is not None:
         source_task = (other_tasks or {}).get(spec.unlabeled.from_task)
         if source_task is None:
             raise DataError(f"task {name!r}: unlabeled.from_task names {spec.unlabeled.from_task!r}, which is not "
                             f"among the loaded tasks {sorted(other_tasks or {})}")
-        pool = unlabeled(source_task.train)
+        pool = source_task.train  # labels are dropped when drawn (TaskData.unlabeled); images stay lazy
     return TaskData(
         name=name,
         train=subsample(train, max_train, f"{name}-train-{seed}"),
