@@ -494,3 +494,23 @@ def test_image_tasks_from_datasets_and_from_tables_of_paths_are_lazy(tmp_path):
     task = load_task_data("pics", spec)
     assert task.class_names == ["blue", "green", "red"]
     assert task.test[0].label == 2 and task.test[0].image.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_data_files_and_hf_checkpoints_on_s3(hf_models, s3_bucket):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    for name in ("reviews_train", "reviews_test"):
+        fs.put_file(hf_models[name], f"{s3_bucket}/data/{name}.csv")
+    fs.put(hf_models["reviews"] + "/", f"{s3_bucket}/models/ft_reviews/", recursive=True)
+    spec = DataSpec(train=f"{s3_bucket}/data/reviews_train.csv", test=f"{s3_bucket}/data/reviews_test.csv",
+                    text="review", label="stars")
+    remote = load_task_data("reviews", spec)
+    local = load_task_data("reviews", DataSpec(train=hf_models["reviews_train"], test=hf_models["reviews_test"],
+                                               text="review", label="stars"))
+    assert list(remote.test) == list(local.test) and remote.class_names == local.class_names
+    loaded = load_model(f"{s3_bucket}/models/ft_reviews", pretrained=hf_models["pre"])
+    reference = load_model(hf_models["reviews"], pretrained=hf_models["pre"])
+    with torch.no_grad():
+        batch = reference.adapter.collate(list(local.test))
+        assert torch.equal(loaded.model(batch), reference.model(batch))
