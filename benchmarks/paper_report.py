@@ -10,25 +10,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distac import stages
+from distac.pipeline import RunStore, StageRef
+from distac.pipeline.report import results_markdown, results_rows
+from distac.pipeline.stages import task_data
 
 
-def _read(uri: str, name: str) -> Any | None:
+def _read(store: RunStore, made: StageRef, name: str) -> Any | None:
     try:
-        return stages.read_json(uri, name)
+        return store.read_json(made, name)
     except Exception:  # a stage that has not run (yet)
         return None
 
 
 def _diagnostics(params) -> dict[str, dict[str, Any]]:
     """Per task: ‖τ‖, its ratio to the smallest, the source model's mean max-probability and accuracy."""
-    norms = {t: _read(stages.stage_dir(params, "extract", task=t), "stats.json")["norm"] for t in params.task_names}
+    store = RunStore.of(params)
+    norms = {t: store.vector_stats(t)["norm"] for t in params.task_names}
     smallest = min(norms.values())
     out = {}
     for task in params.task_names:
-        labels = [example.label for example in stages._task_data(params, task).test]
+        labels = [example.label for example in task_data(params, task).test]
         majority = max(labels.count(label) for label in set(labels)) / len(labels)
-        metrics = _read(stages.stage_dir(params, "finetune", task=task), "metrics.json")
+        metrics = store.finetune_metrics(task)
         recipe = params.recipe(task).model_dump()
         changed = {k: v for k, v in recipe.items() if v != params.finetune.model_dump()[k]}
         out[task] = {"norm": norms[task], "norm_ratio": norms[task] / smallest, "recipe_changes": changed,
@@ -41,8 +44,8 @@ def _diagnostics(params) -> dict[str, dict[str, Any]]:
 def _conditioning(params) -> dict[str, Any]:
     out = {}
     for task in params.conditioning.tasks if isinstance(params.conditioning.tasks, list) else []:
-        uri = stages.stage_dir(params, "condition", task=task)
-        summary, history = _read(uri, "summary.json"), _read(uri, "history.json")
+        store, made = RunStore.of(params), StageRef("condition", task=task)
+        summary, history = _read(store, made, "summary.json"), _read(store, made, "history.json")
         if summary is not None:
             out[task] = {**{k: summary.get(k) for k in ("kappa", "original_norm", "final_norm",
                                                          "validation_accuracy")},
@@ -62,18 +65,18 @@ def collect_runs(plan: dict[str, Any]) -> dict[str, Any]:
     for seed in plan["seeds"]:
         for setting in settings_for(plan, seed):
             params = loaded_params(plan, setting, seed)
-            if stages.read_manifest(stages.stage_dir(params, "report")) is None:
+            if RunStore.of(params).manifest(StageRef("report")) is None:
                 continue
             runs.setdefault(str(seed), {})[setting] = {
                 "storage": params.storage.root, "diagnostics": _diagnostics(params),
-                "rows": stages.results_rows(params), "conditioning": _conditioning(params)}
+                "rows": results_rows(params), "conditioning": _conditioning(params)}
     return runs
 
 
 def headline(plan: dict[str, Any], runs: dict[str, Any]) -> list[dict[str, Any]]:
     """Per method: mean normalized accuracy in each (setting, variant), mean and spread over seeds."""
     columns = [(s, v) for s in plan["settings"] for v in (["as-is"] if not plan["settings"][s]["conditioning_tasks"]
-                                                           else ["as-is", "DisTaC"])]
+                                                           else ["as-is", "distac"])]
     methods = [m["name"] for m in plan["base_params"]["merge"]["methods"]]
     table = []
     for method in methods:
@@ -310,7 +313,7 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
     for seed, settings in runs.items():
         for setting, run in settings.items():
             sections += [f"## {setting}, seed {seed}: absolute (normalized) test accuracy\n",
-                         stages.results_markdown(run["rows"], tasks)]
+                         results_markdown(run["rows"], tasks)]
     if sweep:
         plot_kappa(sweep, results / "kappa_sweep.png")
         sections += ["## Guideline: shrink, don't stretch\n", *map(kappa_markdown, sweep), "![kappa](kappa_sweep.png)\n"]

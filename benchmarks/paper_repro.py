@@ -69,7 +69,7 @@ def write_params(plan: dict[str, Any], setting: str, seed: int) -> Path:
 
 
 def loaded_params(plan: dict[str, Any], setting: str, seed: int):
-    from distac.config import parse_params
+    from distac.pipeline import parse_params
 
     return parse_params(setting_params(plan, setting, seed), source=f"{setting} seed {seed}")
 
@@ -102,15 +102,13 @@ def run_seed(plan: dict[str, Any], seed: int, only: list[str] | None = None) -> 
 
 def _served(params, task: str, backbone_delta=None, scale: float = 1.0):
     """The fine-tuned task model of ``task`` with its backbone set to θ_pre + scale · delta (τ by default)."""
-    from distac import io, stages
-    from distac.models.store import load_task_model
-    from distac.vectors import TaskVector
+    from distac.pipeline import RunStore
 
-    loaded = load_task_model(io.join_uri(stages.stage_dir(params, "finetune", task=task), "model"))
+    store = RunStore.of(params)
+    loaded = store.task_model(task)
     if backbone_delta is None:
-        backbone_delta = TaskVector.load(io.join_uri(stages.stage_dir(params, "extract", task=task),
-                                                     stages.VECTOR_FILE))
-    loaded.model.load_backbone(backbone_delta.apply_to(stages._pretrained_backbone(params), alpha=scale))
+        backbone_delta = store.task_vector(task)
+    loaded.model.load_backbone(backbone_delta.apply_to(store.pretrained_backbone(), alpha=scale))
     return loaded
 
 
@@ -130,15 +128,16 @@ def kappa_sweep(plan: dict[str, Any], setting: str, task: str, seed: int = 0) ->
     stretch"): κ < 1 should keep accuracy after distillation, κ > 1 lose it."""
     import torch
 
-    from distac import stages
     from distac.conditioning import DistacConfig, condition
     from distac.evaluation import accuracy, labels_of, predict_logits
-    from distac.vectors import TaskVector
+    from distac.pipeline import RunStore
+    from distac.pipeline.stages import task_data
 
     params = loaded_params(plan, setting, seed)
+    store = RunStore.of(params)
     torch.set_num_threads(params.execution.torch_threads or 1)
     cfg = params.conditioning
-    data = stages._task_data(params, task)
+    data = task_data(params, task)
     labels = labels_of(data.test)
 
     def test_accuracy(loaded) -> float:
@@ -151,18 +150,18 @@ def kappa_sweep(plan: dict[str, Any], setting: str, task: str, seed: int = 0) ->
         rescaled = _served(params, task, scale=kappa)
         row = {"kappa": kappa, "rescaled_accuracy": test_accuracy(rescaled)}
         teacher = _served(params, task)
-        vector = TaskVector.load(f"{stages.stage_dir(params, 'extract', task=task)}/{stages.VECTOR_FILE}")
+        vector = store.task_vector(task)
         config = DistacConfig(kappa=kappa, teacher_temperature=1.0, student_temperature=1.0, beta=cfg.beta,
                               lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, grad_clip=cfg.grad_clip,
                               num_unlabeled=cfg.num_unlabeled, log_every=cfg.log_every, seed=cfg.seed)
-        result = condition(teacher.model, stages._pretrained_backbone(params), vector,
+        result = condition(teacher.model, store.pretrained_backbone(), vector,
                            data.unlabeled(cfg.num_unlabeled, cfg.seed), teacher.adapter.collate, config,
                            progress=False)
         row.update(distac_accuracy=test_accuracy(teacher), original_norm=result.original_norm,
                    final_norm=result.final_norm, seconds=round(time.perf_counter() - started, 1))
         print(f"{task} κ {kappa}: rescaled {row['rescaled_accuracy']:.3f}, DisTaC {row['distac_accuracy']:.3f}", flush=True)
         rows.append(row)
-    finetuned = stages._finetuned_accuracy(params, "test")[task]
+    finetuned = store.finetuned_accuracy([task], "test")[task]
     return {"setting": setting, "task": task, "seed": seed, "finetuned_accuracy": finetuned,
             "conditioning": cfg.model_dump(mode="json"), "rows": rows}
 
@@ -172,27 +171,25 @@ def calibration_study(plan: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     soft (calibrated by their training recipe) as they are, and after DisTaC sharpened them."""
     import torch
 
-    from distac import io, stages
     from distac.calibration import calibrate, confidence_stats, expected_calibration_error
     from distac.evaluation import accuracy, labels_of, predict_logits
-    from distac.vectors import TaskVector
+    from distac.pipeline import RunStore
+    from distac.pipeline.stages import task_data
 
     method = plan["calibration"]["method"]
     soft = plan["settings"]["low_confidence"]["conditioning_tasks"]
-    paths = {"overconfident → merge → calibrate": ("original", False),
-             "soft sources → merge": ("low_confidence", False),
-             "soft sources → DisTaC → merge → calibrate": ("low_confidence", True)}
+    paths = {"overconfident → merge → calibrate": ("original", "as-is"),
+             "soft sources → merge": ("low_confidence", "as-is"),
+             "soft sources → DisTaC → merge → calibrate": ("low_confidence", "distac")}
     results: dict[str, Any] = {"method": method, "seed": seed, "soft_tasks": soft, "paths": {}}
-    for name, (setting, conditioned) in paths.items():
+    for name, (setting, variant) in paths.items():
         params = loaded_params(plan, setting, seed)
         torch.set_num_threads(params.execution.torch_threads or 1)
-        merged_uri = stages.stage_dir(params, "merge", method=method, conditioned=conditioned)
-        info = stages.read_json(merged_uri, "merge.json")
+        merged = RunStore.of(params).merged(method, variant)
         per_task = {}
-        for task in params.task_names:
-            delta = TaskVector.load(io.join_uri(merged_uri, info["served"][task]))
-            loaded = _served(params, task, delta)
-            data = stages._task_data(params, task)
+        for index, task in enumerate(params.task_names):
+            loaded = _served(params, task, merged.for_task(index))
+            data = task_data(params, task)
             val = predict_logits(loaded.model, data.validation, loaded.adapter.collate, batch_size=64)
             test = predict_logits(loaded.model, data.test, loaded.adapter.collate, batch_size=64)
             val_labels, test_labels = labels_of(data.validation), labels_of(data.test)
@@ -203,8 +200,8 @@ def calibration_study(plan: dict[str, Any], seed: int = 0) -> dict[str, Any]:
                 "ece": expected_calibration_error(torch.softmax(test, dim=1), test_labels),
                 "calibrated_ece": fitted.ece_after, "temperature": fitted.temperature,
                 "nll": fitted.nll_before, "calibrated_nll": fitted.nll_after}
-        results["paths"][name] = {"setting": setting, "variant": stages.variant_name(conditioned),
-                                  "alpha": info["alpha"], "tasks": per_task}
+        results["paths"][name] = {"setting": setting, "variant": variant, "alpha": merged.alpha,
+                                  "tasks": per_task}
     return results
 
 
@@ -215,29 +212,30 @@ def convergence_study(plan: dict[str, Any], seed: int = 0) -> list[dict[str, Any
 
     import torch
 
-    from distac import io, stages
     from distac.conditioning import condition
-    from distac.vectors import TaskVector
+    from distac.pipeline import RunStore
+    from distac.pipeline.stages import accuracy_on, distac_config, task_data
 
     runs = []
     for source in plan["convergence"]["sources"]:
         params = loaded_params(plan, source["setting"], seed)
         torch.set_num_threads(params.execution.torch_threads or 1)
-        task, cfg = source["task"], params.conditioning
-        config = dataclasses.replace(stages._distac_config(params, task), log_every=plan["convergence"]["log_every"])
+        task, cfg, store = source["task"], params.conditioning, RunStore.of(params)
+        config = dataclasses.replace(distac_config(params, task, store.diagnosis()),
+                                     log_every=plan["convergence"]["log_every"])
         teacher = _served(params, task)
-        data = stages._task_data(params, task)
-        vector = TaskVector.load(io.join_uri(stages.stage_dir(params, "extract", task=task), stages.VECTOR_FILE))
+        data = task_data(params, task)
+        vector = store.task_vector(task)
 
         def probe(model, data=data, adapter=teacher.adapter):
-            return {"validation_accuracy": stages._evaluate(model, data.validation, adapter, torch.device("cpu"))[0]}
+            return {"validation_accuracy": accuracy_on(model, data.validation, adapter.collate, torch.device("cpu"))[0]}
 
-        result = condition(teacher.model, stages._pretrained_backbone(params), vector,
+        result = condition(teacher.model, store.pretrained_backbone(), vector,
                            data.unlabeled(cfg.num_unlabeled, cfg.seed), teacher.adapter.collate, config,
                            progress=False, probe=probe)
-        pipeline = TaskVector.load(io.join_uri(stages.stage_dir(params, "condition", task=task), stages.VECTOR_FILE))
+        pipeline = store.conditioned_vector(task)
         difference = max(float((result.vector[k] - pipeline[k]).abs().max()) for k in vector)
-        teacher_accuracy = stages.read_json(stages.stage_dir(params, "finetune", task=task), "metrics.json")
+        teacher_accuracy = store.finetune_metrics(task)
         runs.append({"setting": source["setting"], "task": task, "seed": seed, "kappa": result.kappa,
                      "temperatures": [config.teacher_temperature, config.student_temperature],
                      "teacher_validation_accuracy": teacher_accuracy["validation_accuracy"],

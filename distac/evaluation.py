@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from distac.calibration import confidence_stats, expected_calibration_error
 from distac.errors import ConfigError
-from distac.merging import METHODS, Merged, merge
-from distac.merging.base import default_device
+from distac.device import resolve_device
+from distac.merging import Merged, merge, method_class
 from distac.models.base import TaskModel
 
 log = logging.getLogger(__name__)
@@ -179,30 +179,50 @@ def _finetuned_for(finetuned_accuracy: Mapping[str, float] | None, task: str) ->
     return finetuned_accuracy[task]
 
 
+Served = Callable[[int], Mapping[Any, Mapping[str, torch.Tensor]]]
+"""Task index → {label: the backbone state task i is served with under that label}."""
+
+
+def evaluate_served(adapter: Builder, served: Served, heads: Sequence[Mapping[str, torch.Tensor]],
+                    tasks: Sequence[EvalTask], *, split: str, batch_size: int = 64,
+                    finetuned_accuracy: Mapping[str, float] | None = None,
+                    device: torch.device | str | None = None, progress: bool = False,
+                    on_task: Callable[[int, str], None] | None = None) -> dict[Any, list[TaskEvaluation]]:
+    """The one evaluation loop: for each task, its head on each backbone ``served(i)`` offers, evaluated on
+    the task's ``split``; label → one TaskEvaluation per task. One model is in memory at a time."""
+    device = resolve_device(device)
+    results: dict[Any, list[TaskEvaluation]] = {}
+    for i, (task, head) in enumerate(zip(tasks, heads)):
+        if on_task is not None:
+            on_task(i, task.name)
+        model = _served_model(adapter, task, head, device)
+        examples = getattr(task, split)
+        labels = labels_of(examples)
+        for label, backbone in served(i).items():
+            model.load_backbone(backbone)
+            logits = predict_logits(model, examples, adapter.collate, batch_size, progress)
+            results.setdefault(label, []).append(
+                evaluate_logits(task.name, logits, labels, _finetuned_for(finetuned_accuracy, task.name)))
+        del model
+    return results
+
+
 def evaluate_merged(adapter: Builder, pretrained_state: Mapping[str, torch.Tensor], merged: Merged,
                     heads: Sequence[Mapping[str, torch.Tensor]], tasks: Sequence[EvalTask], *,
-                    split: str = "test", alpha: float = 1.0,
-                    finetuned_accuracy: Mapping[str, float] | None = None, batch_size: int = 64,
-                    device: torch.device | str | None = None, progress: bool = False) -> MergedEvaluation:
-    """Serve task i with θ_pre + α·merged.for_task(i) and head i; evaluate on each task's ``split``.
+                    split: str = "test", finetuned_accuracy: Mapping[str, float] | None = None,
+                    batch_size: int = 64, device: torch.device | str | None = None, progress: bool = False,
+                    on_task: Callable[[int, str], None] | None = None) -> MergedEvaluation:
+    """Serve task i with θ_pre + merged.for_task(i) and head i; evaluate on each task's ``split``.
 
+    The merge is served as it is: it already carries its α (``merged.alpha``; ``at_alpha`` gives another).
     ``finetuned_accuracy`` (task name → accuracy of the original fine-tuned model on the same split) adds
     normalized accuracy.
     """
     _check_alignment(merged.num_tasks, heads, tasks)
-    device = torch.device(device) if device is not None else default_device()
-    rows = []
-    for i, (task, head) in enumerate(zip(tasks, heads)):
-        model = _served_model(adapter, task, head, device)
-        model.load_backbone(merged.for_task(i).apply_to(pretrained_state, alpha))
-        examples = getattr(task, split)
-        rows.append(evaluate_task(model, examples, adapter.collate, task=task.name, batch_size=batch_size,
-                                  finetuned_accuracy=_finetuned_for(finetuned_accuracy, task.name),
-                                  progress=progress))
-        del model
-    alpha_inside = merged.info.get("alpha")  # set by scale_merged: the vector already carries that α
-    return MergedEvaluation(method=merged.method, alpha=alpha * alpha_inside if alpha_inside else alpha,
-                            split=split, tasks=rows)
+    rows = evaluate_served(adapter, lambda i: {merged.alpha: merged.for_task(i).apply_to(pretrained_state)},
+                           heads, tasks, split=split, batch_size=batch_size, finetuned_accuracy=finetuned_accuracy,
+                           device=device, progress=progress, on_task=on_task)
+    return MergedEvaluation(method=merged.method, alpha=merged.alpha, split=split, tasks=rows[merged.alpha])
 
 
 # --------------------------------------------------------------------------------------------- α search
@@ -210,19 +230,21 @@ def evaluate_merged(adapter: Builder, pretrained_state: Mapping[str, torch.Tenso
 
 def has_alpha(method_name: str) -> bool:
     """Whether the method's result is α·merge(...), so it can be merged once and scaled."""
-    if method_name not in METHODS:
-        raise ConfigError(f"unknown merge method {method_name!r}; available: {', '.join(sorted(METHODS))}")
-    return "alpha" in METHODS[method_name].hyperparameters()
+    return method_class(method_name).has_alpha
 
 
-def scale_merged(merged: Merged, alpha: float) -> Merged:
-    """The merge result at α, from one computed at α = 1."""
-    return dataclasses.replace(merged, vector=merged.vector * alpha, info={**merged.info, "alpha": alpha})
+def at_alpha(merged: Merged, alpha: float) -> Merged:
+    """The same merge at another α: its vector rescaled from the α it carries (never scaled twice)."""
+    if merged.alpha is None:
+        raise ConfigError(f"{merged.method} has no α to change")
+    factor = alpha if merged.alpha == 1.0 else alpha / merged.alpha
+    return dataclasses.replace(merged, vector=merged.vector * factor, alpha=alpha)
 
 
 @dataclass
 class AlphaSearch:
-    """α chosen by mean accuracy on a held-out split; ``merged`` is the result at that α."""
+    """α chosen by mean accuracy on a held-out split; ``merged`` is the result at that α (it carries it:
+    evaluate it as it is)."""
 
     method: str
     alpha: float | None
@@ -242,7 +264,7 @@ def search_alpha(method_name: str, task_vectors: Sequence[Mapping[str, torch.Ten
                  tasks: Sequence[EvalTask], *, grid: Sequence[float] = DEFAULT_ALPHA_GRID,
                  split: str = "validation", hyperparams: Mapping[str, Any] | None = None,
                  batch_size: int = 64, device: torch.device | str | None = None,
-                 progress: bool = False) -> AlphaSearch:
+                 progress: bool = False, on_task: Callable[[int, str], None] | None = None) -> AlphaSearch:
     """Pick α for a method by mean accuracy on ``split``.
 
     Methods whose result is α·merge(...) are merged ONCE at α = 1 and served at every α of the grid by
@@ -253,8 +275,8 @@ def search_alpha(method_name: str, task_vectors: Sequence[Mapping[str, torch.Ten
     if not has_alpha(method_name):
         merged = merge(method_name, task_vectors, device=device, **hyperparams)
         evaluation = evaluate_merged(adapter, pretrained_state, merged, heads, tasks, split=split,
-                                     batch_size=batch_size, device=device, progress=progress)
-        return AlphaSearch(method_name, None, split, {}, merged, dataclasses.replace(evaluation, alpha=None))
+                                     batch_size=batch_size, device=device, progress=progress, on_task=on_task)
+        return AlphaSearch(method_name, None, split, {}, merged, evaluation)
     if "alpha" in hyperparams:
         raise ConfigError("search_alpha chooses alpha itself; do not pass it in hyperparams")
     if not grid or any(not a > 0 for a in grid):
@@ -262,23 +284,31 @@ def search_alpha(method_name: str, task_vectors: Sequence[Mapping[str, torch.Ten
 
     merged = merge(method_name, task_vectors, device=device, alpha=1.0, **hyperparams)
     _check_alignment(merged.num_tasks, heads, tasks)
-    device = torch.device(device) if device is not None else default_device()
-    per_alpha: dict[float, list[TaskEvaluation]] = {float(a): [] for a in grid}
-    for i, (task, head) in enumerate(zip(tasks, heads)):  # one model in memory at a time
-        model = _served_model(adapter, task, head, device)
-        served = merged.for_task(i)
-        examples = getattr(task, split)
-        labels = labels_of(examples)
-        for alpha in per_alpha:
-            model.load_backbone(served.apply_to(pretrained_state, alpha))
-            logits = predict_logits(model, examples, adapter.collate, batch_size, progress)
-            per_alpha[alpha].append(evaluate_logits(task.name, logits, labels))
-        del model
-    scores = {alpha: sum(r.accuracy for r in rows) / len(rows) for alpha, rows in per_alpha.items()}
+    grid = [float(a) for a in grid]
+    per_alpha = evaluate_served(
+        adapter, lambda i: _LazyBackbones(merged.for_task(i), pretrained_state, grid), heads, tasks, split=split,
+        batch_size=batch_size, device=device, progress=progress, on_task=on_task)
+    scores = {alpha: sum(r.accuracy for r in per_alpha[alpha]) / len(per_alpha[alpha]) for alpha in grid}
     best = max(scores, key=lambda a: (scores[a], -list(scores).index(a)))
     log.info("%s: alpha=%.3g (mean %s accuracy %.4f)", method_name, best, split, scores[best])
-    return AlphaSearch(method_name, best, split, scores, scale_merged(merged, best),
+    return AlphaSearch(method_name, best, split, scores, at_alpha(merged, best),
                        MergedEvaluation(method_name, best, split, per_alpha[best]))
+
+
+class _LazyBackbones(Mapping[float, Mapping[str, torch.Tensor]]):
+    """θ_pre + α·τ for each α of a grid, built only when asked for (one backbone in memory at a time)."""
+
+    def __init__(self, vector: Any, pretrained_state: Mapping[str, torch.Tensor], grid: Sequence[float]):
+        self.vector, self.pretrained_state, self.grid = vector, pretrained_state, list(dict.fromkeys(grid))
+
+    def __getitem__(self, alpha: float) -> Mapping[str, torch.Tensor]:
+        return self.vector.apply_to(self.pretrained_state, alpha)
+
+    def __iter__(self):
+        return iter(self.grid)
+
+    def __len__(self) -> int:
+        return len(self.grid)
 
 
 # --------------------------------------------------------------------------------------------- tables

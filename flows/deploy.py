@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import flows  # noqa: F401  (Prefect defaults before prefect is imported)
-from distac.config import load_params
+from distac.pipeline import load_params
 from distac.errors import DistacError
 from flows.pipeline import distac_pipeline
 

@@ -1,25 +1,34 @@
-"""The main flow: fine-tune → extract → diagnose → DisTaC → merge (as-is and conditioned) → evaluate → report.
+"""The main flow: every stage of ``distac.pipeline.table``, each instance submitted after the instances it
+reads (fine-tune → extract → diagnose → DisTaC → merge as-is and with DisTaC → evaluate → report).
 
-``distac_pipeline(params_path)`` loads and validates the params, opens the MLflow parent run and runs the
-stages in a sub-flow whose task runner the params choose (threads, or Dask: a LocalCluster or an existing
-scheduler). Every stage skips itself when its outputs already match its inputs, so a re-run with nothing
-changed finishes in seconds and an interrupted run resumes where it stopped.
+``distac_pipeline(params_path)`` loads and validates the params, takes the storage root's lock, cleans up
+after an earlier run that was killed (its MLflow runs marked KILLED, its temporary directories removed),
+opens the MLflow parent run and runs the stages in a sub-flow whose task runner the params choose
+(threads, or Dask: a LocalCluster or an existing scheduler). Every stage skips itself when its outputs
+already match its params, upstream stages and code, so a re-run with nothing changed finishes in seconds
+and an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from mlflow.entities import Param, RunStatus
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import tasks
-from distac import stages
-from distac.config import ExecutionParams, PipelineParams, load_params
-from tasks.stage_tasks import REPORT_FILES
-from tasks.tracking import Tracking, flatten, log_stage_artifacts, setup_experiment
+from distac.pipeline import PipelineParams, Plan, RunStore, StageRef, load_params
+from distac.pipeline.lock import TOKEN_ENV, RootLock
+from distac.pipeline.params import ExecutionParams
+from distac.pipeline.process import remove_stale_tmp_dirs
+from distac.pipeline.store import redact
+from tasks.tracking import (HOST_TAG, Tracking, closed, flatten, log_stage_artifacts, mark_stale_runs, opened,
+                            setup_experiment, this_process)
+
+REPORT_FILES = ["results.md", "results.csv", "results.png", "metrics.json"]
 
 
 def build_task_runner(execution: ExecutionParams):
@@ -34,7 +43,8 @@ def build_task_runner(execution: ExecutionParams):
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": dask.n_workers, "threads_per_worker": dask.threads_per_worker,
                                           "processes": True, "dashboard_address": None,
-                                          "env": {"PREFECT_API_URL": _current_api_url()}})
+                                          "env": {"PREFECT_API_URL": _current_api_url(),
+                                                  **({TOKEN_ENV: os.environ[TOKEN_ENV]} if TOKEN_ENV in os.environ else {})}})
 
 
 def _current_api_url() -> str:
@@ -48,37 +58,17 @@ def _current_api_url() -> str:
 
 @flow(name="distac-stages", log_prints=True)
 def run_stages(params: dict[str, Any], tracking: Tracking | None = None) -> dict[str, Any]:
-    """Submit every stage with its dependencies; returns the report and what each stage did."""
-    names = params_of_dict(params).task_names
-    methods = params_of_dict(params).method_names
-    done: list[Any] = []
-
-    _import_model_library(params_of_dict(params).model.kind)
-    pretrained = tasks.pretrained.submit(params, tracking)
-    finetuned = tasks.finetune.map(unmapped(params), names, unmapped(tracking), wait_for=[pretrained])
-    vectors = [tasks.extract_vector.submit(params, name, tracking, wait_for=[ft])
-               for name, ft in zip(names, finetuned)]
-    diagnosis = tasks.diagnose.submit(params, tracking, wait_for=vectors)
-    _raise_first_failure([pretrained, *finetuned, *vectors, diagnosis])
-    selected = diagnosis.result()["summary"]["conditioned_tasks"]
-    get_run_logger().info("DisTaC will condition: %s", ", ".join(selected) or "no task")
-    conditioned = tasks.condition.map(unmapped(params), selected, unmapped(tracking))
-
-    evaluations = []
-    upstreams = {False: vectors, True: [*vectors, *conditioned]}
-    for method in methods:
-        for use_distac in stages.merged_variants(params_of_dict(params)):
-            upstream = upstreams[use_distac]
-            merged = tasks.merge.submit(params, method, use_distac, tracking, wait_for=upstream)
-            evaluations.append(tasks.evaluate.submit(params, method, use_distac, tracking, wait_for=[merged]))
-            done.append(merged)
-    report = tasks.report.submit(params, tracking, wait_for=evaluations)
-
-    futures = [pretrained, *finetuned, *vectors, diagnosis, *conditioned, *done, *evaluations, report]
-    _raise_first_failure(futures)
-    outcomes = [f.result() for f in futures]
-    return {"report": outcomes[-1]["summary"], "stages": [
-        {k: o[k] for k in ("key", "skipped", "seconds")} for o in outcomes]}
+    """Submit every stage instance after the instances it reads; returns the report and what each did."""
+    plan = Plan.of(PipelineParams.model_validate(params))
+    _import_model_library(plan.params.model.kind)
+    futures: dict[StageRef, Any] = {}
+    for made in plan:
+        futures[made] = tasks.submit(made, params, tracking, [futures[u] for u in plan.upstream[made]])
+    ordered = list(futures.values())
+    _raise_first_failure(ordered)
+    outcomes = [future.result() for future in ordered]
+    return {"report": futures[StageRef("report")].result()["summary"],
+            "stages": [{k: o[k] for k in ("key", "skipped", "seconds")} for o in outcomes]}
 
 
 def _import_model_library(kind: str) -> None:
@@ -100,15 +90,14 @@ def _raise_first_failure(futures: list[Any]) -> None:
             future.result()
 
 
-def params_of_dict(params: dict[str, Any]) -> PipelineParams:
-    return PipelineParams.model_validate(params)
-
-
 def _start_parent_run(params: PipelineParams, params_path: str) -> Tracking:
     base = setup_experiment(params.mlflow)
+    mark_stale_runs(base)
     client = base.client()
     run = client.create_run(base.experiment_id, run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
-                            tags={"distac.params_path": str(params_path), "distac.storage": params.storage.root})
+                            tags={"distac.params_path": str(params_path), "distac.storage": redact(params.storage.root),
+                                  HOST_TAG: this_process()})
+    opened(client, run.info.run_id)
     pairs = [Param(k, v) for k, v in flatten(params.model_dump(mode="json")).items()]
     for start in range(0, len(pairs), 100):
         client.log_batch(run.info.run_id, params=pairs[start:start + 100])
@@ -126,11 +115,12 @@ def _finish_parent_run(tracking: Tracking, params: PipelineParams, result: dict[
         ran = sum(not s["skipped"] for s in result["stages"])
         client.log_metric(tracking.parent_run_id, "stages_run", ran)
         client.log_metric(tracking.parent_run_id, "stages_skipped", len(result["stages"]) - ran)
-        log_stage_artifacts(client, tracking.parent_run_id, stages.stage_dir(params, "report"),
-                            REPORT_FILES)
-        log_stage_artifacts(client, tracking.parent_run_id, stages.stage_dir(params, "diagnose"), ["diagnosis.md"])
+        store = RunStore.of(params)
+        log_stage_artifacts(client, tracking.parent_run_id, store.dir(StageRef("report")), REPORT_FILES)
+        log_stage_artifacts(client, tracking.parent_run_id, store.dir(StageRef("diagnose")), ["diagnosis.md"])
     status = RunStatus.FINISHED if result is not None else RunStatus.FAILED
     client.set_terminated(tracking.parent_run_id, status=RunStatus.to_string(status))
+    closed(tracking.parent_run_id)
 
 
 @flow(name="distac-pipeline", log_prints=True)
@@ -138,13 +128,19 @@ def distac_pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
     """The whole pipeline for one params file; returns the results table and the per-stage outcomes."""
     params = load_params(params_path)
     logger = get_run_logger()
-    tracking = _start_parent_run(params, params_path)
-    logger.info("MLflow run %s in %s; storage %s", tracking.parent_run_id, tracking.tracking_uri,
-                params.storage.root)
-    result = None
-    try:
-        runner = build_task_runner(params.execution)
-        result = run_stages.with_options(task_runner=runner)(params.model_dump(mode="json"), tracking)
-        return {**result, "mlflow_run_id": tracking.parent_run_id, "tracking_uri": tracking.tracking_uri}
-    finally:
-        _finish_parent_run(tracking, params, result)
+    with RootLock(params.storage.root) as lock:
+        os.environ[TOKEN_ENV] = lock.token  # stage children run under this run's lock
+        try:
+            remove_stale_tmp_dirs()
+            tracking = _start_parent_run(params, params_path)
+            logger.info("MLflow run %s in %s; storage %s", tracking.parent_run_id, redact(tracking.tracking_uri),
+                        redact(params.storage.root))
+            result = None
+            try:
+                runner = build_task_runner(params.execution)
+                result = run_stages.with_options(task_runner=runner)(params.model_dump(mode="json"), tracking)
+                return {**result, "mlflow_run_id": tracking.parent_run_id, "tracking_uri": tracking.tracking_uri}
+            finally:
+                _finish_parent_run(tracking, params, result)
+        finally:
+            os.environ.pop(TOKEN_ENV, None)

@@ -1,38 +1,95 @@
-"""Run the pipeline: ``python -m flows.run --params params.yaml`` (what ``make run`` does).
+"""Run the pipeline (``distac run --params params.yaml``, what ``make run`` does; also
+``python -m flows.run``).
 
-Prints Prefect's progress logs while it runs, then the results table, what ran and what was skipped, and
-the command that opens the MLflow UI on the tracking store.
+Shows each stage starting and finishing, per-step progress of the long ones (fine-tuning, DisTaC, merging,
+evaluation), then the results table, what ran and what was skipped, and the command that opens the MLflow
+UI. Ctrl-C (or SIGTERM) stops within seconds: stage children are killed, open MLflow runs marked KILLED,
+Prefect's temporary server stopped and the storage lock released; finished stages stay finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 
 import flows  # noqa: F401  (Prefect defaults before prefect is imported)
-from distac.config import load_params
 from distac.errors import DistacError
+from distac.pipeline import load_params
+
+log = logging.getLogger("distac.run")
+INTERRUPTED = 130
+
+
+def _stop_now(signum: int, frame) -> None:
+    """Stop the run at once from the signal handler: in-process stages run in threads that cannot be
+    interrupted, so the process exits instead of waiting for them."""
+    from tasks.stage_tasks import stop_children
+    from tasks.tracking import kill_open_runs
+
+    print(f"\ninterrupted ({signal.Signals(signum).name}): stopping stages, marking MLflow runs KILLED",
+          file=sys.stderr, flush=True)
+    watchdog = threading.Timer(20, lambda: os._exit(INTERRUPTED))  # never hang while stopping
+    watchdog.daemon = True
+    watchdog.start()
+    stop_children()
+    kill_open_runs()
+    _release_locks()
+    _stop_prefect_server()
+    logging.shutdown()
+    os._exit(INTERRUPTED)
+
+
+def _release_locks() -> None:
+    from distac.pipeline.lock import RootLock
+
+    for lock in list(RootLock.held):
+        lock.release()
+
+
+def _stop_prefect_server() -> None:
+    """Stop the temporary Prefect API server this process started (if any)."""
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:
+        return
+    for server in list(SubprocessASGIServer._instances.values()):
+        try:
+            server.stop()
+        except Exception:  # noqa: BLE001 (best effort while stopping)
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__)
+    parser = argparse.ArgumentParser(prog="distac run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="pipeline params file (default: params.yaml)")
-    args = parser.parse_args(argv)
+    return run(parser.parse_args(argv).params)
+
+
+def run(params_path: str) -> int:
     try:
-        params = load_params(args.params)
+        params = load_params(params_path)
     except DistacError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     from flows.pipeline import distac_pipeline
+    from tasks.tracking import kill_open_runs
 
     logging.getLogger("distac").setLevel(logging.INFO)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _stop_now)
+        signal.signal(signal.SIGTERM, _stop_now)
     started = time.perf_counter()
     try:
-        result = distac_pipeline(args.params)
+        result = distac_pipeline(params_path)
     except DistacError as exc:
+        kill_open_runs()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started

@@ -1,8 +1,7 @@
-"""Prefect tasks: one per pipeline stage, each a thin wrapper over ``distac.stages`` that logs to MLflow."""
+"""Prefect tasks: one per stage of ``distac.pipeline.table``, each a thin wrapper that runs the stage and
+logs it to MLflow."""
 
-from tasks.stage_tasks import (condition, diagnose, evaluate, extract_vector, finetune, merge, pretrained,
-                               report)
+from tasks.stage_tasks import TASKS, execute, submit
 from tasks.tracking import Tracking, setup_experiment
 
-__all__ = ["pretrained", "finetune", "extract_vector", "diagnose", "condition", "merge", "evaluate", "report",
-           "Tracking", "setup_experiment"]
+__all__ = ["TASKS", "execute", "submit", "Tracking", "setup_experiment"]

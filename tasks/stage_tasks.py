@@ -1,34 +1,49 @@
-"""Prefect tasks: thin wrappers over ``distac.stages`` that log to MLflow.
+"""Prefect tasks: one per stage of the table (``distac.pipeline.table``), each running a stage instance
+with ``distac.pipeline.run_stage`` and logging it to MLflow.
 
-Each task takes the params as a plain dict (it pickles to Dask workers and validates again there) and a
-``Tracking``. Caching: the cache key is the stage's fingerprint, offered only while the stage's finished
-manifest is present in storage, so Prefect never reports "cached" for outputs that were deleted.
-Retries: transient storage errors (OSError, botocore) are retried after a delay; user errors
-(``DistacError``, validation) fail at once.
+A task takes the params as a plain dict (it travels to Dask workers and is validated again there). Stages
+marked ``isolated`` run as ``distac stage … --events`` in a child process (as ``dvc repro`` runs them) that
+streams its per-step metrics as JSON lines; the parent relays them to MLflow and the console while the
+child runs. Children die with their runner (``distac.pipeline.process.exit_with_parent``).
+
+No Prefect caching or result persistence: a stage skips itself from its manifest, and nothing is pickled
+and read back. Retries: transient storage errors only (connection resets, timeouts, 5xx); user errors,
+read-only or full disks, permission errors and 4xx answers fail at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import errno
+import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
-import time
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import yaml
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from distac import stages
-from distac.config import PipelineParams
+from distac.cli.stage import EVENT_PREFIX
 from distac.errors import DistacError
+from distac.pipeline import PipelineParams, StageRef, is_done, run_stage
+from distac.pipeline.process import stage_tmp_dir
+from distac.pipeline.runner import StageResult
+from distac.pipeline.table import STAGES, Stage, param_values
 from tasks.tracking import StageRun, Tracking
+
+log = logging.getLogger("distac.tasks")  # under "distac", so Prefect forwards it
 
 RETRIES = 2
 RETRY_DELAY_SECONDS = 5
 LOG_EVERY = 10
+PERMANENT_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOENT,
+                    errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}
+ARTIFACT_SUFFIXES = (".json", ".md", ".csv", ".png")
 
 
 def params_of(params: dict[str, Any] | PipelineParams) -> PipelineParams:
@@ -36,10 +51,13 @@ def params_of(params: dict[str, Any] | PipelineParams) -> PipelineParams:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Storage hiccups worth retrying; never a user error."""
+    """Storage hiccups worth retrying: never a user error, a read-only or full disk, a permission error or a
+    4xx answer (except 408 timeout and 429 throttling)."""
     if isinstance(exc, DistacError):
         return False
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False
+    if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
         return False
     if isinstance(exc, (OSError, TimeoutError)):
         return True
@@ -47,7 +65,10 @@ def is_transient(exc: BaseException) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
         return False
-    return isinstance(exc, (BotoCoreError, ClientError))
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 500
+        return not 400 <= int(status) < 500 or int(status) in (408, 429)
+    return isinstance(exc, BotoCoreError)
 
 
 def retry_on_transient(task, task_run, state) -> bool:
@@ -56,164 +77,112 @@ def retry_on_transient(task, task_run, state) -> bool:
     return isinstance(exc, BaseException) and is_transient(exc)
 
 
-def _where(inputs: dict[str, Any]) -> dict[str, Any]:
-    where = {}
-    if inputs.get("task_name") is not None:
-        where["task"] = inputs["task_name"]
-    if inputs.get("method") is not None:
-        where["method"] = inputs["method"]
-        where["conditioned"] = bool(inputs.get("conditioned", False))
-    return where
+# --------------------------------------------------------------------------------------------- children
 
 
-def stage_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str | None]:
-    """A ``cache_key_fn``: the stage fingerprint (with the storage root) while its manifest matches."""
-    def cache_key(context, inputs: dict[str, Any]) -> str | None:
-        params = params_of(inputs["params"])
-        where = _where(inputs)
-        if not stages.is_done(params, stage, **where):
-            return None
-        return f"distac-{stage}-{stages.stage_fingerprint(params, stage, **where)}-{params.storage.root}"
-    return cache_key
+_CHILDREN: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
 
 
-def stage_task(stage: str, run_name: str):
-    """The decorator every stage task shares."""
-    return task(name=stage, task_run_name=run_name, cache_key_fn=stage_cache_key(stage), persist_result=True,
-                retries=RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS, retry_condition_fn=retry_on_transient)
+def stop_children() -> None:
+    """Kill every stage child this process started (an interrupted run)."""
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for child in children:
+        if child.poll() is None:
+            child.kill()
 
 
-def _tracked(stage: str, params: PipelineParams, tracking: Tracking | None, run_name: str,
-             logged_params: dict[str, Any], call: Callable[[StageRun], stages.StageResult],
-             artifacts: list[str] = ()) -> dict[str, Any]:
-    """Run a stage with a lazily created MLflow run; log its summary metrics and artifacts if it did work."""
-    run = StageRun(tracking, run_name, {"distac.stage": stage}, logged_params)
+def run_in_child(params: PipelineParams, made: StageRef,
+                 on_metrics: Callable[[int, dict[str, float]], None] | None = None) -> StageResult:
+    """Run one stage instance as ``distac stage … --events`` in a child process; relay its per-step metrics
+    to ``on_metrics`` as they arrive. A failure raises DistacError (exit 2: a user error) or RuntimeError."""
+    args = [made.stage, *(["--task", made.task] if made.task else []),
+            *(["--method", made.method, "--variant", made.variant] if made.method else [])]
+    tmp = stage_tmp_dir()
     try:
-        result = call(run)
+        params_path = os.path.join(tmp, "params.yaml")
+        with open(params_path, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(params.model_dump(mode="json"), handle, sort_keys=False)
+        command = [sys.executable, "-m", "distac", "stage", *args, "--params", params_path, "--no-progress",
+                   "--events", "--exit-with-parent", str(os.getpid())]
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(child)
+        try:
+            errors: list[str] = []
+            reader = threading.Thread(target=lambda: errors.extend(child.stderr), daemon=True)
+            reader.start()
+            result = None
+            for line in child.stdout:
+                if not line.startswith(EVENT_PREFIX):
+                    continue
+                event = json.loads(line[len(EVENT_PREFIX):])
+                if "result" in event:
+                    result = event["result"]
+                elif on_metrics is not None:
+                    on_metrics(event["step"], event["metrics"])
+            code = child.wait()
+            reader.join()
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(child)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stderr = "".join(errors).strip()
+    if code == 2:  # the CLI's exit code for a user error (bad data, bad config, stale upstream)
+        raise DistacError(stderr.splitlines()[-1] if stderr else f"{made.key} failed")
+    if code or result is None:
+        raise RuntimeError(f"distac stage {' '.join(args)} failed (exit {code}):\n{stderr[-4000:]}")
+    return StageResult(**result)
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+def execute(params: dict[str, Any] | PipelineParams, made: StageRef, tracking: Tracking | None = None) -> dict[str, Any]:
+    """Run one instance with its MLflow run: per-step metrics while it runs, then its summary and its small
+    output files (only if it did work)."""
+    p = params_of(params)
+    record = made.record
+    run = StageRun(tracking, made.key.replace("/", "-"), {"distac.stage": made.stage},
+                   {"stage": made.key, **param_values(p, made)})
+    on_metrics = run.metrics_callback(record.metrics, LOG_EVERY, made.key) if record.metrics else None
+    try:
+        if record.isolated and not is_done(p, made):
+            result = run_in_child(p, made, on_metrics)
+        else:
+            result = run_stage(p, made, on_metrics=on_metrics)
     except BaseException:
         run.finish(failed=True)
         raise
     if not result.skipped:
         run.log_metrics({**result.summary, "seconds": result.seconds})
         run.set_tag("distac.fingerprint", result.fingerprint)
-        run.log_artifacts(result.uri, list(artifacts))
+        run.log_artifacts(result.uri, [name for name in record.outputs if name.endswith(ARTIFACT_SUFFIXES)])
     run.finish()
-    return {"stage": stage, "key": result.key, "uri": result.uri, "skipped": result.skipped,
-            "fingerprint": result.fingerprint, "summary": result.summary, "seconds": result.seconds}
+    return result.to_dict()
 
 
-@stage_task("pretrained", "pretrained")
-def pretrained(params: dict[str, Any], tracking: Tracking | None = None) -> dict[str, Any]:
-    p = params_of(params)
-    return _tracked("pretrained", p, tracking, "pretrained", {"model": p.model.model_dump(mode="json")},
-                    lambda run: stages.pretrained(p))
+def _task_for(record: Stage):
+    def run(params: dict[str, Any], stage: str, task: str | None = None, method: str | None = None,
+            variant: str | None = None, tracking: Tracking | None = None) -> dict[str, Any]:
+        return execute(params, StageRef(stage, task, method, variant), tracking)
+
+    run.__name__ = run.__qualname__ = record.name
+    run.__doc__ = record.help
+    return task(run, name=record.name, persist_result=False, cache_policy=NO_CACHE, retries=RETRIES,
+                retry_delay_seconds=RETRY_DELAY_SECONDS, retry_condition_fn=retry_on_transient)
 
 
-def run_stage_in_child_process(params: PipelineParams, *stage_args: str) -> None:
-    """Run one stage as ``distac stage ...`` in a child process, exactly as ``dvc repro`` does.
-
-    Fine-tuning draws its dropout masks from torch's process-wide RNG: two fine-tunes sharing a process (the
-    thread runner) would perturb each other's masks, so results would depend on scheduling and differ from
-    DVC's. A child process gives each its own RNG, and the flow the same results as ``dvc repro``.
-    """
-    with tempfile.TemporaryDirectory(prefix="distac-stage-") as tmp:
-        params_path = os.path.join(tmp, "params.yaml")
-        with open(params_path, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(params.model_dump(mode="json"), handle, sort_keys=False)
-        command = [sys.executable, "-m", "distac", "stage", *stage_args, "--params", params_path, "--no-progress",
-                   "--exit-with-parent", str(os.getpid())]  # a killed run leaves no stage running on
-        done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode == 2:  # the CLI's exit code for a user error (bad data, bad config)
-        raise DistacError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "stage failed")
-    if done.returncode:
-        raise RuntimeError(f"distac stage {' '.join(stage_args)} failed (exit {done.returncode}):\n"
-                           f"{done.stderr[-4000:]}")
+TASKS = {record.name: _task_for(record) for record in STAGES}
+"""Stage name → its Prefect task; call with ``(params, stage, task, method, variant, tracking)``."""
 
 
-def _finetune_isolated(p: PipelineParams, task_name: str, run: StageRun) -> stages.StageResult:
-    """Fine-tune in a child process, then replay its loss curve into the MLflow run."""
-    done = stages.is_done(p, "finetune", task=task_name) or stages.reuse_finished(p, "finetune", task=task_name)
-    if not done:
-        started = time.monotonic()
-        run_stage_in_child_process(p, "finetune", "--task", task_name)
-        on_step = run.metrics_callback("train/", LOG_EVERY, f"finetune/{task_name}")
-        for entry in stages.read_json(stages.stage_dir(p, "finetune", task=task_name), "history.json"):
-            on_step(entry["step"], {k: v for k, v in entry.items() if k != "step"})
-        result = stages.finetune(p, task_name, progress=False)  # up to date now: reads the summary back
-        return dataclasses.replace(result, skipped=False, seconds=time.monotonic() - started)
-    return stages.finetune(p, task_name, progress=False)
+def submit(made: StageRef, params: dict[str, Any], tracking: Tracking | None, wait_for: list[Any]):
+    """Submit one instance's task, named by its key."""
+    return TASKS[made.stage].with_options(task_run_name=made.key.replace("/", "-")).submit(
+        params, made.stage, made.task, made.method, made.variant, tracking, wait_for=wait_for)
 
 
-@stage_task("finetune", "finetune-{task_name}")
-def finetune(params: dict[str, Any], task_name: str, tracking: Tracking | None = None) -> dict[str, Any]:
-    p = params_of(params)
-    logged = {"task": task_name, "recipe": p.recipe(task_name).model_dump(mode="json"),
-              "data": p.data.model_dump(mode="json")}
-    return _tracked("finetune", p, tracking, f"finetune-{task_name}", logged,
-                    lambda run: _finetune_isolated(p, task_name, run),
-                    artifacts=["metrics.json", "history.json"])
-
-
-@stage_task("extract", "extract-{task_name}")
-def extract_vector(params: dict[str, Any], task_name: str, tracking: Tracking | None = None) -> dict[str, Any]:
-    p = params_of(params)
-    return _tracked("extract", p, tracking, f"extract-{task_name}", {"task": task_name},
-                    lambda run: stages.extract(p, task_name), artifacts=["stats.json"])
-
-
-@stage_task("diagnose", "diagnose")
-def diagnose(params: dict[str, Any], tracking: Tracking | None = None) -> dict[str, Any]:
-    p = params_of(params)
-    logged = {"diagnosis": p.diagnosis.model_dump(mode="json"), "conditioning.tasks": str(p.conditioning.tasks)}
-    return _tracked("diagnose", p, tracking, "diagnose", logged, lambda run: stages.diagnose(p),
-                    artifacts=["diagnosis.md", "diagnosis.json"])
-
-
-@stage_task("condition", "condition-{task_name}")
-def condition(params: dict[str, Any], task_name: str, tracking: Tracking | None = None) -> dict[str, Any]:
-    p = params_of(params)
-    logged = {"task": task_name, "conditioning": p.conditioning.model_dump(mode="json")}
-    return _tracked("condition", p, tracking, f"condition-{task_name}", logged,
-                    lambda run: stages.condition(p, task_name, progress=False, on_log=run.metrics_callback(
-                        "distac/", LOG_EVERY, f"condition/{task_name}")),
-                    artifacts=["summary.json", "history.json"])
-
-
-def _merge_and_log(p: PipelineParams, method: str, conditioned: bool, run: StageRun) -> stages.StageResult:
-    result = stages.merge(p, method, conditioned, progress=False)
-    if not result.skipped and run.tracking is not None:
-        info = stages.read_json(result.uri, "merge.json")
-        search = info.get("alpha_search") or {}
-        for step, (alpha, score) in enumerate(sorted((float(a), s) for a, s in search.get("scores", {}).items())):
-            run.log_metrics({"alpha": alpha, "validation_mean_accuracy": score}, step=step, prefix="alpha_search/")
-    return result
-
-
-@stage_task("merge", "merge-{method}-conditioned={conditioned}")
-def merge(params: dict[str, Any], method: str, conditioned: bool = False,
-          tracking: Tracking | None = None) -> dict[str, Any]:
-    p = params_of(params)
-    name = f"merge-{method}-{stages.variant_name(conditioned)}"
-    logged = {"method": p.merge.method(method).model_dump(mode="json"), "conditioned": conditioned,
-              "alpha_grid": p.merge.alpha_grid}
-    return _tracked("merge", p, tracking, name, logged, lambda run: _merge_and_log(p, method, conditioned, run),
-                    artifacts=["merge.json"])
-
-
-@stage_task("evaluate", "evaluate-{method}-conditioned={conditioned}")
-def evaluate(params: dict[str, Any], method: str, conditioned: bool = False,
-             tracking: Tracking | None = None) -> dict[str, Any]:
-    p = params_of(params)
-    name = f"evaluate-{method}-{stages.variant_name(conditioned)}"
-    return _tracked("evaluate", p, tracking, name, {"method": method, "conditioned": conditioned},
-                    lambda run: stages.evaluate(p, method, conditioned), artifacts=["evaluation.json"])
-
-
-@stage_task("report", "report")
-def report(params: dict[str, Any], tracking: Tracking | None = None) -> dict[str, Any]:
-    p = params_of(params)
-    return _tracked("report", p, tracking, "report", {"tasks": p.task_names, "methods": p.method_names},
-                    lambda run: stages.report(p), artifacts=REPORT_FILES)
-
-
-REPORT_FILES = ["results.md", "results.csv", "results.png", "metrics.json"]
+__all__ = ["TASKS", "execute", "submit", "is_transient", "retry_on_transient", "run_in_child", "stop_children"]

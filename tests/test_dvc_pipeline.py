@@ -53,15 +53,15 @@ def first_repro(repo):
 def test_repro_runs_every_stage_and_leaves_status_clean(repo, first_repro):
     assert stages_run(first_repro) == {
         "pretrained", "finetune@0", "finetune@1", "extract@0", "extract@1", "diagnose", "condition@0",
-        "condition@1", "merge@0", "merge-distac@0", "evaluate@method0-as-is", "evaluate@method0-distac", "report"}
+        "condition@1", "merge-as-is@0", "merge-distac@0", "evaluate-as-is@0", "evaluate-distac@0", "report"}
     assert "up to date" in dvc(repo, "status")
-    assert (repo / "runs" / "merged" / "task_arithmetic" / "distac" / "_done.json").exists()
+    assert (repo / "runs" / "merge" / "task_arithmetic" / "distac" / "_done.json").exists()
 
 
 def test_metrics_and_plots_show_read_the_report(repo, first_repro):
     metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
     values = next(iter(metrics.values()))["data"]["runs/report/metrics.json"]["data"]
-    assert set(values) == {"individual/fine-tuned", "task_arithmetic/as-is", "task_arithmetic/DisTaC"}
+    assert set(values) == {"individual/fine-tuned", "task_arithmetic/as-is", "task_arithmetic/distac"}
     assert values["individual/fine-tuned"]["mean_norm"] == 100.0
     plots = dvc(repo, "plots", "show", "--json")
     assert "runs/report/plot.csv" in plots and "runs/report/results.png" in plots
@@ -82,7 +82,7 @@ def test_a_params_change_reruns_only_downstream_stages(repo, first_repro):
     params = yaml.safe_load(path.read_text())
     params["conditioning"]["steps"] = 2
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-    downstream = {"condition@0", "condition@1", "merge-distac@0", "evaluate@method0-distac", "report"}
+    downstream = {"condition@0", "condition@1", "merge-distac@0", "evaluate-distac@0", "report"}
     assert stages_run(dvc(repo, "repro")) == downstream
     assert "up to date" in dvc(repo, "status")
 
@@ -91,15 +91,15 @@ def test_push_and_pull_through_an_s3_remote(repo, first_repro, s3_bucket, s3_end
     dvc(repo, "remote", "add", "-f", "-d", "s3", f"{s3_bucket}/dvc-cache")
     dvc(repo, "remote", "modify", "s3", "endpointurl", s3_endpoint)
     table = (repo / "runs" / "report" / "results.md").read_bytes()
-    vector = (repo / "runs" / "vectors" / "cola" / "task_vector.safetensors").read_bytes()
+    vector = (repo / "runs" / "extract" / "cola" / "task_vector.safetensors").read_bytes()
     dvc(repo, "push")
     # The stages' cached outputs only: the .gitignore files DVC keeps beside them stay, and metrics/plots
     # are not cached (cache: false), so they are not pushed.
-    for output in ("finetune/cola", "finetune/mrpc", "vectors/cola", "vectors/mrpc", "merged/task_arithmetic/as-is"):
+    for output in ("finetune/cola", "finetune/mrpc", "extract/cola", "extract/mrpc", "merge/task_arithmetic/as-is"):
         shutil.rmtree(repo / "runs" / output)
     (repo / "runs" / "report" / "results.md").unlink()
     shutil.rmtree(repo / ".dvc" / "cache")
     dvc(repo, "pull")
     assert (repo / "runs" / "report" / "results.md").read_bytes() == table
-    assert (repo / "runs" / "vectors" / "cola" / "task_vector.safetensors").read_bytes() == vector
+    assert (repo / "runs" / "extract" / "cola" / "task_vector.safetensors").read_bytes() == vector
     assert "up to date" in dvc(repo, "status")

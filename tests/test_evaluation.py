@@ -8,7 +8,7 @@ import torch
 from distac.errors import ConfigError
 from distac.evaluation import (MergedEvaluation, TaskEvaluation, accuracy, evaluate_merged,
                                evaluate_task, has_alpha, normalized_accuracy, per_task_table_markdown,
-                               predict_logits, results_table_markdown, scale_merged, search_alpha)
+                               predict_logits, results_table_markdown, at_alpha, search_alpha)
 from distac.merging import METHODS, merge
 from distac.vectors import TaskVector
 from tiny_mlp import MLPAdapter, collate, finetune, make_task, one_torch_thread
@@ -72,7 +72,8 @@ def test_scaling_the_alpha_one_merge_equals_re_merging(sources, method):
     once = merge(method, vectors, alpha=1.0, device="cpu")
     for alpha in GRID:
         remerged = merge(method, vectors, alpha=alpha, device="cpu")
-        scaled = scale_merged(once, alpha)
+        scaled = at_alpha(once, alpha)
+        assert scaled.alpha == remerged.alpha == alpha
         for key in remerged.vector:
             torch.testing.assert_close(scaled.vector[key], remerged.vector[key], rtol=1e-5, atol=1e-6)
 
@@ -101,6 +102,26 @@ def test_methods_without_alpha_are_evaluated_once(sources):
                              device="cpu")
     assert search.evaluation.mean_accuracy == pytest.approx(direct.mean_accuracy)
     assert search.to_dict()["alpha"] is None
+
+
+def test_a_searched_merge_is_evaluated_at_its_alpha_never_scaled_twice(sources):
+    adapter, pretrained, tasks, models, vectors, heads = sources
+    search = search_alpha("task_arithmetic", vectors, adapter, pretrained, heads, tasks, grid=GRID, device="cpu")
+    again = evaluate_merged(adapter, pretrained, search.merged, heads, tasks, split="validation", device="cpu")
+    assert again.alpha == search.alpha == search.merged.alpha
+    assert again.mean_accuracy == search.scores[search.alpha]
+    rescaled = at_alpha(search.merged, 1.0)  # back to α = 1: the vector of the α = 1 merge
+    torch.testing.assert_close(rescaled.vector["0.weight"], merge("task_arithmetic", vectors).vector["0.weight"])
+    with pytest.raises(ConfigError, match="no α"):
+        at_alpha(merge("emr", vectors), 0.5)
+    with pytest.raises(TypeError):
+        evaluate_merged(adapter, pretrained, search.merged, heads, tasks, alpha=0.5)  # no second α to apply
+
+
+def test_has_alpha_is_each_methods_declared_capability():
+    for name, cls in METHODS.items():
+        assert cls.has_alpha == ("alpha" in cls.hyperparameters()), name
+        assert has_alpha(name) is cls.has_alpha
 
 
 def _evaluation(method: str, accs: tuple[float, float], alpha: float | None = None) -> MergedEvaluation:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from distac.config import load_params
+from distac.pipeline import load_params
 from distac.errors import ConfigError
 from flows.pipeline import distac_pipeline
 
@@ -22,7 +22,7 @@ TASKS = ["cola", "mrpc"]
 METHODS = [{"name": "task_arithmetic", "alpha": "search"}, {"name": "emr"}]
 SHAPE = {"tasks": [{"name": "cola"}, {"name": "mrpc", "finetune": {"lr": 1.0e-2}}],
          "merge": {"alpha_grid": [0.5, 1.0], "methods": METHODS}}
-ALL_STAGES = {"pretrained", *(f"{s}/{t}" for s in ("finetune", "extract") for t in TASKS), "diagnose",
+ALL_STAGES = {"pretrained", *(f"{s}/{t}" for s in ("finetune", "extract", "condition") for t in TASKS), "diagnose",
               *(f"{s}/{m['name']}/{v}" for s in ("merge", "evaluate") for m in METHODS for v in ("as-is", "distac")),
               "report"}
 
@@ -51,21 +51,20 @@ def first_run(tmp_path_factory, make_tiny_params):
 
 def test_first_run_does_every_stage_and_writes_the_report(first_run):
     _, params, result = first_run
-    conditioned = {f"condition/{t}" for t in json.loads(
-        (Path(params.storage.root) / "diagnosis" / "diagnosis.json").read_text())["conditioned_tasks"]}
+    conditioned = json.loads((Path(params.storage.root) / "diagnose" / "diagnosis.json").read_text())["conditioned_tasks"]
     assert conditioned, "the 10x learning rate on mrpc must flag a norm disparity"
-    assert ran(result) == ALL_STAGES | conditioned
+    assert ran(result) == ALL_STAGES
     report = Path(params.storage.root) / "report"
     rows = list(csv.DictReader((report / "results.csv").open()))
     assert [(r["method"], r["variant"]) for r in rows] == [
-        ("individual", "fine-tuned"), ("task_arithmetic", "as-is"), ("task_arithmetic", "DisTaC"),
-        ("emr", "as-is"), ("emr", "DisTaC")]
+        ("individual", "fine-tuned"), ("task_arithmetic", "as-is"), ("task_arithmetic", "distac"),
+        ("emr", "as-is"), ("emr", "distac")]
     assert all(float(rows[0][f"{t}_norm"]) == 100.0 for t in TASKS)
     assert (report / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| task_arithmetic | DisTaC |" in result["report"]["table"]
+    assert "| task_arithmetic | distac |" in result["report"]["table"]
     metrics = json.loads((report / "metrics.json").read_text())
-    assert set(metrics) == {"individual/fine-tuned", "task_arithmetic/as-is", "task_arithmetic/DisTaC",
-                            "emr/as-is", "emr/DisTaC"}
+    assert set(metrics) == {"individual/fine-tuned", "task_arithmetic/as-is", "task_arithmetic/distac",
+                            "emr/as-is", "emr/distac"}
     assert leftovers(params.storage.root) == []
 
 
@@ -76,7 +75,7 @@ def test_mlflow_holds_parent_and_stage_runs_with_metrics_and_artifacts(first_run
     assert parent.info.status == "FINISHED"
     assert parent.data.params["merge.alpha_grid"] == "[0.5, 1.0]"
     assert parent.data.metrics["stages_skipped"] == 0
-    assert "task_arithmetic.DisTaC.mean_norm" in parent.data.metrics
+    assert "task_arithmetic.distac.mean_norm" in parent.data.metrics
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "results.md", "results.csv", "results.png", "metrics.json", "diagnosis.md", "params.yaml"}
 
@@ -88,14 +87,14 @@ def test_mlflow_holds_parent_and_stage_runs_with_metrics_and_artifacts(first_run
     finetune = next(run for run in children if run.info.run_name == "finetune-mrpc")
     loss = client.get_metric_history(finetune.info.run_id, "train/loss")
     assert [m.step for m in loss] == list(range(1, params.recipe("mrpc").steps + 1))
-    assert finetune.data.params["recipe.lr"] == "0.01"
+    assert finetune.data.params["tasks.mrpc.finetune.lr"] == "0.01"
     assert "test_accuracy" in finetune.data.metrics
     merge = next(run for run in children if run.info.run_name == "merge-task_arithmetic-as-is")
     search = client.get_metric_history(merge.info.run_id, "alpha_search/alpha")
     assert [m.value for m in search] == [0.5, 1.0]
     report = next(run for run in children if run.info.run_name == "report")
     assert {a.path for a in client.list_artifacts(report.info.run_id)} == {
-        "results.md", "results.csv", "results.png", "metrics.json"}
+        "results.md", "results.csv", "results.png", "plot.csv", "metrics.json"}
 
 
 def test_second_run_with_nothing_changed_skips_every_stage(first_run):
@@ -139,7 +138,7 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(first_run, make
     assert ran(resumed) == unfinished
     assert {"merge/ties/as-is", "merge/ties/distac", "evaluate/ties/as-is", "report"} <= ran(resumed)
     assert not any(k.startswith(("condition/", "finetune/")) for k in ran(resumed))
-    assert "| ties | DisTaC |" in resumed["report"]["table"]
+    assert "| ties | distac |" in resumed["report"]["table"]
 
 
 def test_stages_reused_from_another_root_and_one_variant_only(first_run, make_tiny_params, tmp_path):
@@ -150,18 +149,18 @@ def test_stages_reused_from_another_root_and_one_variant_only(first_run, make_ti
                             merge={**SHAPE["merge"], "variants": ["distac"]})
     result = distac_pipeline(path)
     root = Path(load_params(path).storage.root)
-    selected = json.loads((root / "diagnosis" / "diagnosis.json").read_text())["conditioned_tasks"]
-    assert ran(result) == ({f"condition/{t}" for t in selected} | {"report"}
+    selected = json.loads((root / "diagnose" / "diagnosis.json").read_text())["conditioned_tasks"]
+    assert ran(result) == ({f"condition/{t}" for t in TASKS} | {"report"}
                            | {f"{s}/{m['name']}/distac" for s in ("merge", "evaluate") for m in METHODS})
     for task in TASKS:  # reused stages are copies of the source's, manifest included
         for file in (source / "finetune" / task).rglob("*"):
             if file.is_file():
                 assert (root / "finetune" / task / file.relative_to(source / "finetune" / task)).read_bytes() \
                     == file.read_bytes()
-    history = json.loads((root / "conditioned" / selected[0] / "history.json").read_text())
+    history = json.loads((root / "condition" / selected[0] / "history.json").read_text())
     assert [h["step"] for h in history] == [0, 1, 2]
     assert all(0.0 <= h["validation_accuracy"] <= 1.0 for h in history)
-    assert "as-is" not in result["report"]["table"] and "| emr | DisTaC |" in result["report"]["table"]
+    assert "as-is" not in result["report"]["table"] and "| emr | distac |" in result["report"]["table"]
     assert leftovers(root) == []
 
 

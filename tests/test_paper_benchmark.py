@@ -51,13 +51,13 @@ def test_headline_averages_each_method_over_the_seeds_that_ran_it():
     runs = {"0": {"original": {"rows": [
                 {"method": "ties", "variant": "as-is", "mean_norm": 90.0}]},
                   "norm_mismatch": {"rows": [{"method": "ties", "variant": "as-is", "mean_norm": 70.0},
-                                             {"method": "ties", "variant": "DisTaC", "mean_norm": 88.0}]}},
+                                             {"method": "ties", "variant": "distac", "mean_norm": 88.0}]}},
             "1": {"original": {"rows": [{"method": "ties", "variant": "as-is", "mean_norm": 92.0}]}}}
     table = {row["method"]: row for row in headline(PLAN, runs)}
     assert table["ties"]["original/as-is"] == {"mean": 91.0, "seeds": [90.0, 92.0]}
-    assert table["ties"]["norm_mismatch/DisTaC"] == {"mean": 88.0, "seeds": [88.0]}
-    assert table["emr"]["low_confidence/DisTaC"] == {"mean": None, "seeds": []}
-    assert "original/DisTaC" not in table["ties"]  # nothing is conditioned in the original setting
+    assert table["ties"]["norm_mismatch/distac"] == {"mean": 88.0, "seeds": [88.0]}
+    assert table["emr"]["low_confidence/distac"] == {"mean": None, "seeds": []}
+    assert "original/distac" not in table["ties"]  # nothing is conditioned in the original setting
     assert _cell(table["ties"]["original/as-is"]) == "91.0 ± 1.0"
-    assert _cell(table["ties"]["norm_mismatch/DisTaC"]) == "88.0"
-    assert _cell(table["emr"]["low_confidence/DisTaC"]) == "–"
+    assert _cell(table["ties"]["norm_mismatch/distac"]) == "88.0"
+    assert _cell(table["emr"]["low_confidence/distac"]) == "–"

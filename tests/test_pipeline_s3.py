@@ -23,10 +23,10 @@ def test_flow_with_storage_on_s3_runs_then_skips(s3_bucket, make_tiny_params, tm
     fs.invalidate_cache()
     prefix = root.removeprefix("s3://")
     assert fs.exists(f"{prefix}/finetune/mrpc/model/backbone/model.safetensors")
-    assert fs.exists(f"{prefix}/vectors/cola/task_vector.safetensors")
-    assert fs.exists(f"{prefix}/merged/task_arithmetic/distac/vector.safetensors")
+    assert fs.exists(f"{prefix}/extract/cola/task_vector.safetensors")
+    assert fs.exists(f"{prefix}/merge/task_arithmetic/distac/merged/merge.json")
     metrics = json.loads(fs.cat_file(f"{prefix}/report/metrics.json"))
-    assert set(metrics) == {"individual/fine-tuned", "task_arithmetic/as-is", "task_arithmetic/DisTaC"}
+    assert set(metrics) == {"individual/fine-tuned", "task_arithmetic/as-is", "task_arithmetic/distac"}
     assert fs.cat_file(f"{prefix}/report/results.png")[:4] == b"\x89PNG"
     assert not [p for p in fs.find(prefix) if ".distac-tmp" in p]
 

@@ -24,13 +24,17 @@ METHODS: dict[str, type[MergeMethod]] = {
 }
 
 
-def get_method(name: str, **hyperparams: Any) -> MergeMethod:
-    """An instance of the named method with validated hyperparameters."""
+def method_class(name: str) -> type[MergeMethod]:
+    """The named method's class: the one check that a method exists."""
     try:
-        cls = METHODS[name]
+        return METHODS[name]
     except KeyError:
         raise ConfigError(f"unknown merge method {name!r}; available: {', '.join(sorted(METHODS))}") from None
-    return cls.create(**hyperparams)
+
+
+def get_method(name: str, **hyperparams: Any) -> MergeMethod:
+    """An instance of the named method with validated hyperparameters."""
+    return method_class(name).create(**hyperparams)
 
 
 def collect(method: MergeMethod, vectors: Sequence[Mapping[str, torch.Tensor]],
@@ -42,13 +46,14 @@ def collect(method: MergeMethod, vectors: Sequence[Mapping[str, torch.Tensor]],
         if isinstance(result, torch.Tensor):
             merged[key] = result
             continue
-        merged[key] = result["vector"]
-        for i in range(len(vectors)):
-            masks[i][key] = result[f"mask/{i}"]
+        merged[key] = result.vector
+        for i, mask in enumerate(result.masks):
+            masks[i][key] = mask
     info = method.finish()
     scales = tuple(info.pop("scales")) if method.per_task else None
     return Merged(method=method.name, vector=TaskVector(merged, check=False), num_tasks=len(vectors),
-                  masks=tuple(masks) if method.per_task else None, scales=scales, info=info)
+                  masks=tuple(masks) if method.per_task else None, scales=scales, info=info,
+                  alpha=method.alpha if method.has_alpha else None)
 
 
 def merge(name: str, task_vectors: Sequence[Mapping[str, torch.Tensor]], *,
@@ -57,4 +62,4 @@ def merge(name: str, task_vectors: Sequence[Mapping[str, torch.Tensor]], *,
     return collect(get_method(name, **hyperparams), list(task_vectors), device=device, progress=progress)
 
 
-__all__ = ["METHODS", "Merged", "MergeMethod", "get_method", "merge", "collect"]
+__all__ = ["METHODS", "Merged", "MergeMethod", "method_class", "get_method", "merge", "collect"]

@@ -11,16 +11,21 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from distac.device import resolve_device
 from distac.errors import ConfigError, MismatchError
 from distac.merging.linalg import mean_over_tasks
 from distac.vectors import TaskVector, select_keys
 
-TensorParts = dict[str, torch.Tensor]
-"""What ``merge_tensor`` returns for methods with several outputs per tensor (EMR): part name → tensor."""
+@dataclass(frozen=True)
+class TensorParts:
+    """What a per-task method (EMR) returns for one tensor: the shared vector and each task's mask."""
+
+    vector: torch.Tensor
+    masks: list[torch.Tensor]
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(None)
 
 
 @dataclass
@@ -33,7 +38,8 @@ class MergeMethod:
 
     name: ClassVar[str]
     needs_first_pass: ClassVar[bool] = False
-    per_task: ClassVar[bool] = False  # True when task t is served with its own vector (EMR)
+    per_task: ClassVar[bool] = False  # True when task t is served with its own vector (EMR): TensorParts
+    has_alpha: ClassVar[bool] = False  # True when the result is α·merge(...): an ``alpha`` field scales it
 
     def prepare(self, vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
                 device: torch.device) -> None:
@@ -81,7 +87,7 @@ class MatrixMethod(MergeMethod):
 
     def validate(self) -> None:
         self.exclude_2d = check_patterns(self.name, "exclude_2d", self.exclude_2d)
-        if hasattr(self, "alpha"):
+        if self.has_alpha:
             check_number(self.name, "alpha", self.alpha)
 
     def merge_matrix(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -92,7 +98,7 @@ class MatrixMethod(MergeMethod):
             merged = self.merge_matrix(key, tensors)
         else:
             merged = mean_over_tasks(tensors)
-        return getattr(self, "alpha", 1.0) * merged
+        return self.alpha * merged if self.has_alpha else merged
 
 
 def common_keys(vectors: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
@@ -140,8 +146,7 @@ def iter_merged(method: MergeMethod, vectors: Sequence[Mapping[str, torch.Tensor
         if isinstance(result, torch.Tensor):
             yield key, result.to(device="cpu", dtype=dtype)
         else:
-            yield key, {part: t.to("cpu") if t.dtype == torch.bool else t.to(device="cpu", dtype=dtype)
-                        for part, t in result.items()}
+            yield key, TensorParts(result.vector.to(device="cpu", dtype=dtype), [m.to("cpu") for m in result.masks])
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,7 @@ class Merged:
 
     ``vector`` is τ_m (for EMR: the unified vector τ_uni). EMR also carries per-task boolean ``masks`` and
     ``scales``; ``for_task(i)`` returns what task i is served with: τ_m for every i, or λ_i M_i ⊙ τ_uni.
+    ``alpha`` is the α the vector already carries (None for methods without α): it is never applied again.
     """
 
     method: str
@@ -158,6 +164,7 @@ class Merged:
     masks: tuple[dict[str, torch.Tensor], ...] | None = None
     scales: tuple[float, ...] | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    alpha: float | None = None
 
     def for_task(self, index: int) -> TaskVector:
         if not 0 <= index < self.num_tasks:

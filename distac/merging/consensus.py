@@ -23,6 +23,7 @@ def tall_masks(tensors: list[torch.Tensor], lam: float) -> torch.Tensor:
 @dataclass
 class Consensus(MergeMethod):
     name = "consensus"
+    has_alpha = True
     alpha: float = 1.0
     lam: float = 0.5
     min_agree: int = 2

@@ -39,7 +39,7 @@ class EMR(MergeMethod):
         for t in range(len(tensors)):
             self._task_means[t] += float(stacked[t].abs().mean())
             self._masked_means[t] += float(torch.where(masks[t], unified, 0.0).abs().mean())
-        return {"vector": unified, **{f"mask/{t}": masks[t] for t in range(len(tensors))}}
+        return TensorParts(unified, list(masks))
 
     def finish(self) -> dict[str, Any]:
         scales = [task / masked if masked > 0 else 1.0 for task, masked in zip(self._task_means, self._masked_means)]

@@ -23,6 +23,7 @@ def isotropic(matrix: torch.Tensor) -> torch.Tensor:
 @dataclass
 class IsoC(MatrixMethod):
     name = "iso_c"
+    has_alpha = True
     alpha: float = 1.0
 
     def merge_matrix(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -44,6 +44,7 @@ def iso_cts_factors(tensors: list[torch.Tensor], common_fraction: float) -> tupl
 @dataclass
 class IsoCTS(MatrixMethod):
     name = "iso_cts"
+    has_alpha = True
     alpha: float = 1.0
     common_fraction: float = 0.8
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from distac import io
 from distac.errors import CheckpointError, ConfigError, MismatchError
+from distac.device import resolve_device
 from distac.merging import Merged, MergeMethod, get_method
 from distac.merging.base import iter_merged
 from distac.outputs import guard_output
@@ -45,19 +46,6 @@ MODEL_DIR = "model"
 
 def mask_dir(task_index: int) -> str:
     return f"masks/task-{task_index}"
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """The compute device: the accelerator when present unless told otherwise; a clear error if absent."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {device!r} ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(device)!r} was requested but no CUDA device is available")
-    return device
 
 
 @contextlib.contextmanager
@@ -168,9 +156,9 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
                 if isinstance(result, torch.Tensor):
                     vector_writer.add(key, result)
                     continue
-                vector_writer.add(key, result["vector"])
-                for i, writer in enumerate(mask_writers):
-                    writer.add(key, result[f"mask/{i}"])
+                vector_writer.add(key, result.vector)
+                for writer, mask in zip(mask_writers, result.masks):
+                    writer.add(key, mask)
         info = method.finish()
         scales = info.pop("scales", None)
         model_written = write_model and not method.per_task
@@ -186,6 +174,7 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
             "num_tensors": len(vectors[0]),
             "per_task": method.per_task,
             "scales": scales,
+            "alpha": method.alpha if method.has_alpha else None,
             "outputs": {"vector": VECTOR_DIR, "model": MODEL_DIR if model_written else None,
                         "masks": [mask_dir(i) for i in range(num_tasks)] if method.per_task else None},
             "path": "streaming",
@@ -204,16 +193,44 @@ def read_record(out_uri: str) -> dict[str, Any]:
     return record
 
 
+def save_merged(merged: Merged, out_uri: str, record: dict[str, Any] | None = None,
+                 max_shard_bytes: int = io.DEFAULT_SHARD_BYTES, overwrite: bool = False) -> dict[str, Any]:
+    """Write an in-memory merge in the same format as ``merge_checkpoints`` (without the served model), so
+    ``load_merged``, ``materialize`` and the evaluator read either; ``record`` adds entries to merge.json."""
+    out_uri = str(out_uri).rstrip("/")
+    per_task = merged.masks is not None
+    with staged_directory(out_uri, overwrite) as staging:
+        io.save_state_dict(dict(merged.vector.items()), os.path.join(staging, VECTOR_DIR), max_shard_bytes)
+        for i, mask in enumerate(merged.masks or ()):
+            io.save_state_dict(mask, os.path.join(staging, mask_dir(i)), max_shard_bytes)
+        written = {
+            "method": merged.method,
+            "num_tasks": merged.num_tasks,
+            "num_tensors": len(merged.vector),
+            "per_task": per_task,
+            "scales": list(merged.scales) if per_task else None,
+            "alpha": merged.alpha,
+            "outputs": {"vector": VECTOR_DIR, "model": None,
+                        "masks": [mask_dir(i) for i in range(merged.num_tasks)] if per_task else None},
+            "path": "in-memory",
+            "info": merged.info,
+            **(record or {}),
+        }
+        io.write_json(written, os.path.join(staging, RECORD_NAME))
+    return written
+
+
 def load_merged(out_uri: str) -> Merged:
-    """Read a streaming merge's output back into memory as a ``Merged``."""
+    """Read a merge's output (``merge_checkpoints`` or ``save_merged``) back into memory as a ``Merged``."""
     record = read_record(out_uri)
     vector = TaskVector(io.load_state_dict(io.join_uri(out_uri, VECTOR_DIR)))
     masks = scales = None
     if record["per_task"]:
         masks = tuple(io.load_state_dict(io.join_uri(out_uri, mask_dir(i))) for i in range(record["num_tasks"]))
         scales = tuple(record["scales"])
+    alpha = record.get("alpha", (record.get("hyperparameters") or {}).get("alpha"))
     return Merged(method=record["method"], vector=vector, num_tasks=record["num_tasks"], masks=masks,
-                  scales=scales, info=record)
+                  scales=scales, info=record, alpha=alpha)
 
 
 def materialize(out_uri: str, pretrained_uri: str, task_index: int, model_uri: str,

@@ -12,6 +12,7 @@ from distac.merging.base import MergeMethod
 @dataclass
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
+    has_alpha = True
     alpha: float = 1.0
 
     def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:

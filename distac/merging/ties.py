@@ -81,6 +81,7 @@ def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequen
 @dataclass
 class Ties(MergeMethod):
     name = "ties"
+    has_alpha = True
     needs_first_pass = True
     alpha: float = 1.0
     k: float = 0.2

@@ -37,6 +37,7 @@ def tsv_factors(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 @dataclass
 class TSV(MatrixMethod):
     name = "tsv"
+    has_alpha = True
     alpha: float = 1.0
 
     def merge_matrix(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -1,23 +1,28 @@
 """The pipeline's parameters (``params.yaml``), validated.
 
 Every section forbids unknown keys, so a typo fails loudly, and a validation error names the field path
-(``tasks.1.finetune.lr``). ``load_params(path)`` is the one entry point; ``fingerprint(...)`` hashes the
-sub-configs a stage depends on so an unchanged stage can be skipped.
+(``tasks.1.finetune.lr``). ``load_params(path)`` is the one entry point. The fine-tuning recipe and the
+DisTaC settings are not retyped here: their fields, types, defaults and checks come from the library's
+``FinetuneRecipe`` and ``DistacConfig`` (``dataclass_fields``), so the two cannot drift.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import os
 import re
-from urllib.parse import urlsplit
+import typing
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from distac.errors import ConfigError
+from distac.conditioning import DistacConfig
+from distac.errors import ConfigError, DistacError
+from distac.evaluation import DEFAULT_ALPHA_GRID
+from distac.merging import method_class
+from distac.training import FinetuneRecipe
 
 GLUE_TASKS = ("cola", "mrpc", "rte", "sst2")
 VISION_PREFIX = "vision:"
@@ -92,21 +97,29 @@ class DataParams(Section):
     seed: int = 0
 
 
-class RecipeParams(Section):
-    """A fine-tuning recipe (``distac.training.FinetuneRecipe``)."""
+def _checked_by(config: type, name: str) -> AfterValidator:
+    """Validate one field the way the library dataclass does (its ``__post_init__``), so a bad value is an
+    error at that field's path, worded by the library."""
+    def check(value: Any) -> Any:
+        try:
+            config(**{name: value})
+        except DistacError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+    return AfterValidator(check)
 
-    lr: PositiveFloat = 5e-5
-    steps: PositiveInt = 100
-    batch_size: PositiveInt = 32
-    weight_decay: NonNegativeFloat = 0.0
-    warmup_fraction: Fraction = 0.1
-    schedule: Literal["cosine", "constant"] = "cosine"
-    label_smoothing: Fraction = 0.0
-    mixup_alpha: NonNegativeFloat = 0.0
-    focal_gamma: NonNegativeFloat = 0.0
-    grad_clip: PositiveFloat | None = 1.0
-    seed: int = 0
-    train_head_only: bool = False
+
+def dataclass_fields(config: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Pydantic field definitions for a library config dataclass: its fields, types and defaults, each
+    checked by the dataclass itself."""
+    hints = typing.get_type_hints(config)
+    return {f.name: (Annotated[hints[f.name], _checked_by(config, f.name)], f.default)
+            for f in dataclasses.fields(config) if f.name not in skip}
+
+
+# The default recipe: ``distac.training.FinetuneRecipe``'s fields.
+RecipeParams = create_model("RecipeParams", __base__=Section, __doc__=FinetuneRecipe.__doc__,
+                            **dataclass_fields(FinetuneRecipe))
 
 
 def _optional_fields(model: type[BaseModel]) -> dict[str, Any]:
@@ -145,25 +158,22 @@ class KappaParams(Section):
         return self
 
 
-class ConditioningParams(Section):
-    """DisTaC settings. ``tasks: auto`` conditions the tasks the diagnosis flags; ``student_temperature:
-    auto`` takes each task's recommended sharpening temperature (1, i.e. norm only, unless it is flagged
-    for low confidence)."""
+class _ConditioningPolicy(Section):
+    """DisTaC in the pipeline: which tasks, how κ is chosen, and T_stu possibly from the diagnosis. The
+    other settings are ``distac.conditioning.DistacConfig``'s fields (added below)."""
 
     tasks: Literal["auto"] | list[TaskName] = "auto"
     kappa: KappaParams = Field(default_factory=KappaParams)
-    teacher_temperature: PositiveFloat = 1.0
     student_temperature: PositiveFloat | Literal["auto"] = "auto"
-    beta: NonNegativeFloat = 0.1
-    lr: PositiveFloat = 1e-5
-    steps: PositiveInt = 100
-    batch_size: PositiveInt = 32
-    grad_clip: PositiveFloat | None = 1.0
-    num_unlabeled: PositiveInt = 512
-    log_every: PositiveInt = 10
     track_accuracy: bool = Field(False, description="validation accuracy at the anchor and every logged step "
                                                     "(convergence curves; one validation pass each)")
-    seed: int = 0
+
+
+# ``tasks: auto`` conditions the tasks the diagnosis flags; ``student_temperature: auto`` takes each task's
+# recommended sharpening temperature (1, i.e. norm only, unless it is flagged for low confidence).
+ConditioningParams = create_model(
+    "ConditioningParams", __base__=_ConditioningPolicy, __doc__=_ConditioningPolicy.__doc__,
+    **dataclass_fields(DistacConfig, skip=("kappa", "target_norm", "student_temperature")))
 
 
 class DiagnosisParams(Section):
@@ -191,18 +201,16 @@ class MethodParams(Section):
     @field_validator("name")
     @classmethod
     def _known_method(cls, name: str) -> str:
-        from distac.merging import METHODS
-
-        if name not in METHODS:
-            raise ValueError(f"unknown merge method {name!r}; available: {', '.join(sorted(METHODS))}")
+        try:
+            method_class(name)
+        except DistacError as exc:
+            raise ValueError(str(exc)) from None
         return name
 
     @model_validator(mode="after")
     def _alpha_is_a_hyperparameter(self) -> "MethodParams":
-        from distac.merging import METHODS
-
-        accepted = METHODS[self.name].hyperparameters()
-        if self.alpha is not None and "alpha" not in accepted:
+        accepted = method_class(self.name).hyperparameters()
+        if self.alpha is not None and not method_class(self.name).has_alpha:
             raise ValueError(f"{self.name} has no α; remove alpha")
         if "alpha" in self.hyperparams:
             raise ValueError("give alpha as the method's own 'alpha' field, not in hyperparams")
@@ -213,6 +221,9 @@ class MethodParams(Section):
         return self
 
 
+VARIANTS = ("as-is", "distac")
+"""A merge of the task vectors as fine-tuned, and one after DisTaC conditioning: the one name of each, in
+folders, commands, reports and MLflow."""
 Variant = Literal["as-is", "distac"]
 
 
@@ -221,15 +232,15 @@ class MergeParams(Section):
     (leave out ``distac`` where nothing is conditioned, e.g. a baseline setting)."""
 
     methods: list[MethodParams] = Field(min_length=1)
-    alpha_grid: list[PositiveFloat] = Field(default=[0.2, 0.4, 0.6, 0.8, 1.0], min_length=1)
-    variants: list[Variant] = Field(default=["as-is", "distac"], min_length=1)
+    alpha_grid: list[PositiveFloat] = Field(default=list(DEFAULT_ALPHA_GRID), min_length=1)
+    variants: list[Variant] = Field(default=list(VARIANTS), min_length=1)
 
     @field_validator("variants")
     @classmethod
     def _variants_in_order(cls, variants: list[str]) -> list[str]:
         if len(set(variants)) != len(variants):
             raise ValueError("a variant is listed twice")
-        return sorted(variants, key=["as-is", "distac"].index)
+        return sorted(variants, key=VARIANTS.index)
 
     @field_validator("methods")
     @classmethod
@@ -347,15 +358,6 @@ class PipelineParams(Section):
         """The default recipe with this task's overrides applied."""
         overrides = self.task(task).finetune.model_dump(exclude_none=True)
         return RecipeParams.model_validate({**self.finetune.model_dump(), **overrides})
-
-
-def fingerprint(*parts: Any) -> str:
-    """A stable short hash of JSON-able values and config sections (key order does not matter)."""
-    def plain(value: Any) -> Any:
-        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-
-    text = json.dumps([plain(p) for p in parts], sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _format_errors(error: ValidationError) -> str:
