@@ -514,3 +514,21 @@ def test_data_files_and_hf_checkpoints_on_s3(hf_models, s3_bucket):
     with torch.no_grad():
         batch = reference.adapter.collate(list(local.test))
         assert torch.equal(loaded.model(batch), reference.model(batch))
+
+
+def test_the_python_api_of_the_user_doc(hf_models):
+    """docs/own-models.md's Python example, on the tiny checkpoint."""
+    from distac.conditioning import DistacConfig, condition
+    from distac.evaluation import evaluate_task
+    from distac.models.resolve import load_pretrained_state
+    from distac.vectors import TaskVector
+
+    ft = load_model(hf_models["reviews"], pretrained=hf_models["pre"])
+    spec = DataSpec(train=hf_models["reviews_train"], test=hf_models["reviews_test"], text="review", label="stars")
+    task = load_task_data("reviews", spec, class_names=ft.class_names)
+    assert evaluate_task(ft.model, task.test, ft.adapter.collate, task="reviews").accuracy > 0.5
+    pre = load_pretrained_state(hf_models["pre"], list(ft.model.backbone_state()))
+    tau = TaskVector.from_state_dicts(pre, ft.model.backbone_state())
+    result = condition(ft.model, pre, tau, task.unlabeled(16), ft.adapter.collate,
+                       DistacConfig(kappa=0.5, steps=2, batch_size=8), progress=False)
+    assert result.kappa == 0.5 and result.vector.norm() > 0
