@@ -82,6 +82,8 @@ def run(params_path: str) -> int:
     from tasks.tracking import kill_open_runs
 
     logging.getLogger("distac").setLevel(logging.INFO)
+    for noisy in ("httpx", "httpcore", "alembic", "mlflow"):  # one line per API call otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _stop_now)
         signal.signal(signal.SIGTERM, _stop_now)
