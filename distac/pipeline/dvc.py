@@ -20,7 +20,7 @@ from distac.pipeline.table import STAGES, Scope, Stage, module_files, stage
 HEADER = """\
 # GENERATED from the stage table (distac/pipeline/table.py) and merge.variants in params.yaml:
 #   python -m distac.pipeline.dvc --params params.yaml > dvc.yaml
-# Do not edit by hand; tests/test_dvc_pipeline.py holds this file to the table.
+# Do not edit by hand; tests/test_pipeline.py holds this file to the table.
 # `dvc repro` re-runs exactly the stages whose deps or params changed; `dvc metrics show` and
 # `dvc plots show` read the report. Outputs live under storage.root, which must be a local path here
 # (use a DVC remote, e.g. S3, to share them: docs/pipeline.md).
