@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
 import uuid
+import zipfile
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
 import torch
-from safetensors.torch import save_file
 
 from distac.errors import CheckpointError
 
@@ -71,11 +72,17 @@ def join_uri(base: str | os.PathLike, *parts: str) -> str:
 
 
 class _SafetensorsFile:
-    """One safetensors file read by byte ranges: only the header is read when it opens."""
+    """One safetensors file read by byte ranges: only the header is read when it opens.
+
+    Each read lands straight in the tensor it returns (``preadv`` into fresh memory locally, ``readinto``
+    remotely): one kernel copy, no intermediate bytes. A persistent memory map would avoid that copy but
+    keep every page touched in the process's RSS until the map closes, which for a merge is all T inputs.
+    """
 
     def __init__(self, uri: str):
         self.uri = uri
         self._fs, self._path = url_to_fs(uri)
+        self._local = is_local(uri)
         try:
             size = self._fs.size(self._path)
             with self._fs.open(self._path, "rb") as handle:
@@ -83,6 +90,8 @@ class _SafetensorsFile:
                 if header_len <= 0 or 8 + header_len > size:
                     raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
                 header = json.loads(handle.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
         except FileNotFoundError as exc:
             raise CheckpointError(f"checkpoint file not found: {uri}") from exc
         except (ValueError, struct.error, UnicodeDecodeError) as exc:
@@ -91,9 +100,9 @@ class _SafetensorsFile:
         self._data_start = 8 + header_len
         self._entries: dict[str, dict[str, Any]] = header
         for key, entry in header.items():
-            start, end = entry["data_offsets"]
-            if entry["dtype"] not in _DTYPES or self._data_start + end > size or start > end:
-                raise CheckpointError(f"{uri}: tensor {key!r} has a corrupt header entry {entry}")
+            problem = _entry_problem(entry, size - self._data_start)
+            if problem:
+                raise CheckpointError(f"{uri}: tensor {key!r} has a corrupt header entry ({problem}): {entry}")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -105,15 +114,68 @@ class _SafetensorsFile:
         return _DTYPES[self._entries[key]["dtype"]]
 
     def read(self, key: str) -> torch.Tensor:
+        """A new tensor the caller owns (and may modify in place)."""
         entry = self._entries[key]
         start, end = entry["data_offsets"]
-        raw = self._fs.cat_file(self._path, start=self._data_start + start, end=self._data_start + end)
-        if len(raw) != end - start:
+        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        if end == start:
+            return tensor
+        target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        offset = self._data_start + start
+        try:
+            got = _pread_into(self._path, target, offset) if self._local else self._read_remote(target, offset)
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"checkpoint file not found: {self.uri}") from exc
+        if got != end - start:
             raise CheckpointError(f"{self.uri}: tensor {key!r} is truncated")
-        dtype = _DTYPES[entry["dtype"]]
-        if not raw:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(entry["shape"])
+        return tensor
+
+    def _read_remote(self, target: memoryview, offset: int) -> int:
+        with self._fs.open(self._path, "rb") as handle:
+            handle.seek(offset)
+            return _read_fully(handle.readinto, target)
+
+
+def _entry_problem(entry: Any, data_size: int) -> str | None:
+    """Why a header entry cannot describe a tensor in a data section of ``data_size`` bytes, or None."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _DTYPES:
+        return f"unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                              for s in shape):
+        return "shape is not a list of non-negative integers"
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        return "data_offsets is not a pair of integers"
+    start, end = offsets
+    if not 0 <= start <= end <= data_size:
+        return f"data_offsets {offsets} lie outside the {data_size}-byte data section"
+    expected = math.prod(shape) * _DTYPES[dtype].itemsize
+    if end - start != expected:
+        return f"data_offsets span {end - start} bytes but shape {shape} of {dtype} needs {expected}"
+    return None
+
+
+def _read_fully(readinto: Any, target: memoryview) -> int:
+    """Call ``readinto`` until ``target`` is full or the source ends; the number of bytes read."""
+    got = 0
+    while got < len(target):
+        n = readinto(target[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _pread_into(path: str, target: memoryview, offset: int) -> int:
+    """Read ``len(target)`` bytes of a local file at ``offset`` into ``target``; the number read."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _read_fully(lambda view: os.preadv(fd, [view], offset + (len(target) - len(view))), target)
+    finally:
+        os.close(fd)
 
 
 class CheckpointReader(Mapping[str, torch.Tensor]):
@@ -125,6 +187,11 @@ class CheckpointReader(Mapping[str, torch.Tensor]):
         self._files = files or {}
         self._tensors = tensors
         self._order = list(tensors) if tensors is not None else list(self._files)
+
+    @property
+    def fresh_reads(self) -> bool:
+        """Whether ``reader[key]`` returns a new tensor each time, which the caller may modify in place."""
+        return self._tensors is None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if self._tensors is not None:
@@ -208,11 +275,17 @@ def _read_torch(uri: str) -> dict[str, torch.Tensor]:
     fs, path = url_to_fs(uri)
     try:
         if is_local(uri):
+            if os.path.isfile(path) and not zipfile.is_zipfile(path):
+                raise CheckpointError(
+                    f"{uri} is an old-format (non-zip) torch checkpoint, which cannot be memory-mapped; "
+                    "re-save it with torch.save from PyTorch >= 1.6 or convert it to safetensors")
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         else:
             obj = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint file not found: {uri}") from exc
+    except CheckpointError:
+        raise
     except Exception as exc:  # torch raises many types for a broken archive
         raise CheckpointError(f"{uri} is not a readable torch checkpoint ({exc})") from exc
     return _unwrap_state_dict(obj, uri)
@@ -231,11 +304,15 @@ def open_checkpoint(uri: str | os.PathLike) -> CheckpointReader:
     try:
         index = json.loads(fs.cat_file(path))
         weight_map: dict[str, str] = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint index not found: {target}") from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{target} is not a valid safetensors index ({exc})") from exc
     base = target.rsplit("/", 1)[0] if "/" in target else "."
+    for name in set(weight_map.values()):
+        _check_shard_name(name, target)
     shards = {name: _SafetensorsFile(join_uri(base, name)) for name in sorted(set(weight_map.values()))}
     files = {}
     for key, name in weight_map.items():
@@ -243,6 +320,15 @@ def open_checkpoint(uri: str | os.PathLike) -> CheckpointReader:
             raise CheckpointError(f"{target} maps {key!r} to {name}, which does not contain it")
         files[key] = shards[name]
     return CheckpointReader(uri, files=files)
+
+
+def _check_shard_name(name: Any, index_uri: str) -> None:
+    """Refuse an index entry that is not a relative path inside the index's directory."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if (not parts or name.startswith("/") or "\\" in name or "://" in name or ".." in parts
+            or os.path.isabs(name) or (len(name) > 1 and name[1] == ":")):
+        raise CheckpointError(f"{index_uri} names shard {name!r}, which is not a file inside its directory; "
+                              "shard names must be relative paths without '..'")
 
 
 def load_state_dict(uri: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -290,6 +376,36 @@ def _prepare_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         seen.add(tensor.untyped_storage().data_ptr())
         out[key] = tensor
     return out
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def write_safetensors(state: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file whose bytes depend only on its contents.
+
+    The header is JSON with sorted keys (safetensors' own writer emits the metadata in a per-process random
+    order, so two identical runs gave different files); tensors are written in the given order, straight
+    from their memory.
+    """
+    tensors = _prepare_tensors(state)
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, tensor in tensors.items():
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise CheckpointError(f"cannot save {key!r} as safetensors: unsupported dtype {tensor.dtype}")
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
 
 def write_bytes_atomic(data: bytes, uri: str | os.PathLike) -> None:
@@ -370,8 +486,7 @@ class ShardedSafetensorsWriter:
         if not self._buffer:
             return
         number = len(self._shards)
-        save_file(_prepare_tensors(self._buffer), os.path.join(self._staging, f"shard-{number}"),
-                  metadata=self.metadata)
+        write_safetensors(self._buffer, os.path.join(self._staging, f"shard-{number}"), metadata=self.metadata)
         self._shards.append(list(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 
@@ -387,7 +502,7 @@ class ShardedSafetensorsWriter:
 
     def _commit(self) -> None:
         if not self._shards:  # an empty checkpoint is still a valid one
-            save_file({}, os.path.join(self._staging, "shard-0"), metadata=self.metadata)
+            write_safetensors({}, os.path.join(self._staging, "shard-0"), metadata=self.metadata)
             self._shards.append([])
         count = len(self._shards)
         names = ([SINGLE_FILE_NAME] if count == 1 else
@@ -428,7 +543,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], uri: str | os.PathLike,
         try:
             tmp = os.path.join(staging, Path(path).name)
             if path.endswith(SAFETENSORS_SUFFIX):
-                save_file(_prepare_tensors(state), tmp, metadata={"format": "pt", **(metadata or {})})
+                write_safetensors(state, tmp, metadata={"format": "pt", **(metadata or {})})
             else:
                 torch.save(dict(_prepare_tensors(state)), tmp)
             if is_local(uri):

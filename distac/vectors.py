@@ -22,19 +22,45 @@ def select_keys(keys: Iterable[str], include: Sequence[str] | None = None,
             if (not inc or any(p.search(k) for p in inc)) and not any(p.search(k) for p in exc)]
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN/Inf.
+
+    A sum is non-finite whenever an entry is, and costs a small fraction of ``torch.isfinite(t).all()``
+    (which builds two masks); only a non-finite sum, or one that overflowed, is examined entry by entry.
+    """
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
 def check_finite(key: str, tensor: torch.Tensor, where: str = "") -> None:
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise NonFiniteError(f"tensor {key!r}{' in ' + where if where else ''} has {bad} NaN/Inf values")
 
 
-def _check_pair(key: str, pre: torch.Tensor, ft: torch.Tensor) -> None:
+def _check_pair(key: str, pre: torch.Tensor, ft: torch.Tensor, name: str = "the fine-tuned model") -> None:
     if pre.shape != ft.shape:
-        raise MismatchError(f"tensor {key!r}: shape {tuple(ft.shape)} in the fine-tuned model, "
-                            f"{tuple(pre.shape)} in the pretrained one")
+        raise MismatchError(f"tensor {key!r}: shape {tuple(ft.shape)} in {name}, "
+                            f"{tuple(pre.shape)} in the pretrained model")
     if pre.dtype != ft.dtype:
-        raise MismatchError(f"tensor {key!r}: dtype {ft.dtype} in the fine-tuned model, "
-                            f"{pre.dtype} in the pretrained one")
+        raise MismatchError(f"tensor {key!r}: dtype {ft.dtype} in {name}, "
+                            f"{pre.dtype} in the pretrained model")
+
+
+def difference(key: str, pre: torch.Tensor, ft: torch.Tensor, name: str = "the fine-tuned model",
+               in_place: bool = False) -> torch.Tensor:
+    """τ = ft − pre for one tensor (in ``ft``'s memory when ``in_place``), checked for NaN/Inf once.
+
+    One check on τ covers both inputs, since a NaN or Inf in either makes τ non-finite; only then is the
+    pretrained tensor examined, to name the model at fault (with a finite θ_pre, τ's bad entries are the
+    fine-tuned model's, or differences beyond float range).
+    """
+    _check_pair(key, pre, ft, name)
+    tau = ft.sub_(pre) if in_place else ft - pre
+    if not all_finite(tau):
+        check_finite(key, pre, "the pretrained model")
+        check_finite(key, tau, name)
+    return tau
 
 
 def _floating_keys(reader: Mapping[str, torch.Tensor]) -> list[str]:
@@ -103,11 +129,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
         """τ = finetuned − pretrained over the floating keys both share (after include/exclude)."""
         out = {}
         for key in shared_floating_keys(pretrained, finetuned, include, exclude):
-            pre, ft = pretrained[key], finetuned[key]
-            _check_pair(key, pre, ft)
-            check_finite(key, ft, "the fine-tuned model")
-            check_finite(key, pre, "the pretrained model")
-            out[key] = ft - pre
+            out[key] = difference(key, pretrained[key], finetuned[key])
         return cls(out, check=False)
 
     @classmethod
@@ -186,6 +208,37 @@ class TaskVector(Mapping[str, torch.Tensor]):
         return cls(io.load_state_dict(uri))
 
 
+class LastKeyCache(Mapping[str, torch.Tensor]):
+    """A checkpoint reader that keeps the tensor read last: T lazy task vectors over one pretrained model,
+    visited key by key, then read each θ_pre tensor once instead of T times."""
+
+    def __init__(self, reader: Mapping[str, torch.Tensor]):
+        self.reader = reader
+        self._key: str | None = None
+        self._tensor: torch.Tensor | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key != self._key:
+            self._key, self._tensor = None, None  # drop the old tensor before reading the next
+            self._tensor, self._key = self.reader[key], key
+        return self._tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.reader)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.reader
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.reader.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.reader.dtype(key)
+
+
 class LazyTaskVector(Mapping[str, torch.Tensor]):
     """τ computed on access from two lazily read checkpoints: what streaming merges consume."""
 
@@ -210,11 +263,8 @@ class LazyTaskVector(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
             raise KeyError(key)
-        pre, ft = self.pretrained[key], self.finetuned[key]
-        _check_pair(key, pre, ft)
-        check_finite(key, ft, self.name)
-        check_finite(key, pre, "the pretrained model")
-        return ft - pre
+        return difference(key, self.pretrained[key], self.finetuned[key], self.name,
+                          in_place=getattr(self.finetuned, "fresh_reads", False))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

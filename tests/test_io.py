@@ -169,3 +169,95 @@ def test_s3_failed_write_uploads_nothing(s3_bucket):
     fs = fsspec.filesystem("s3")
     fs.invalidate_cache()
     assert not fs.exists(f"{s3_bucket}/crashed")
+
+
+# ------------------------------------------------------------------------------- read-path safety, exact bytes
+
+
+def _write_raw_safetensors(path, header: dict, data: bytes) -> None:
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../x.safetensors"])
+def test_index_naming_a_shard_outside_its_directory_is_refused(tmp_path, state, name):
+    io.save_state_dict(state, tmp_path / "outside.safetensors")
+    io.save_state_dict(state, tmp_path / "ck", max_shard_bytes=40)
+    index_path = tmp_path / "ck" / io.INDEX_FILE_NAME
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["encoder.weight"] = name
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json names shard .*not a file inside"):
+        io.open_checkpoint(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}, "span 16 bytes but shape"),
+    ({"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 48]}, "outside the 24-byte data section"),
+    ({"dtype": "F32", "shape": [2, -3], "data_offsets": [0, 24]}, "non-negative integers"),
+    ({"dtype": "Q4", "shape": [6], "data_offsets": [0, 24]}, "unknown dtype"),
+    ({"dtype": "F32", "shape": [6], "data_offsets": [8]}, "pair of integers"),
+])
+def test_header_offsets_that_disagree_with_shape_and_dtype_are_named(tmp_path, entry, problem):
+    path = tmp_path / "bad.safetensors"
+    _write_raw_safetensors(path, {"w": entry}, bytes(24))
+    with pytest.raises(CheckpointError, match=rf"bad\.safetensors: tensor 'w' .*{problem}"):
+        io.open_checkpoint(path)
+
+
+def test_old_format_torch_file_names_the_file(tmp_path, state):
+    path = tmp_path / "legacy.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"legacy\.pt is an old-format \(non-zip\) torch checkpoint"):
+        io.open_checkpoint(path)
+
+
+def test_reads_are_fresh_writable_tensors(tmp_path, state):
+    io.save_state_dict(state, tmp_path / "model.safetensors")
+    reader = io.open_checkpoint(tmp_path / "model.safetensors")
+    assert reader.fresh_reads
+    first = reader["encoder.weight"]
+    first.add_(1)  # the caller owns it: the file and later reads are unaffected
+    assert torch.equal(reader["encoder.weight"], state["encoder.weight"])
+    io.save_state_dict(state, tmp_path / "model.pt")
+    assert not io.open_checkpoint(tmp_path / "model.pt").fresh_reads  # memory-mapped, shared between reads
+
+
+def test_written_files_are_standard_safetensors(tmp_path, state):
+    """Files from distac's writer load with the safetensors library itself, empty and 0-d tensors included."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    full = {**state, "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    io.save_state_dict(full, tmp_path / "model.safetensors", metadata={"b": "2", "a": "1"})
+    assert_same(load_file(tmp_path / "model.safetensors"), full)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt", "a": "1", "b": "2"}
+    assert_same(io.load_state_dict(tmp_path / "model.safetensors"), full)
+
+
+_WRITE_TWICE = """
+import sys, torch
+from distac import io
+state = {name: torch.full((3,), float(i)) for i, name in enumerate(["z", "a", "m.weight", "b.bias"])}
+io.save_state_dict(state, sys.argv[1] + "/single.safetensors", metadata={"zeta": "1", "alpha": "2", "mid": "3"})
+io.save_state_dict(state, sys.argv[1] + "/sharded", max_shard_bytes=16, metadata={"zeta": "1", "alpha": "2"})
+"""
+
+
+def test_identical_runs_write_byte_identical_files(tmp_path):
+    """Metadata keys are sorted, so the bytes do not depend on the process (hash seeds, map order)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    digests = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"run-{seed}"
+        out.mkdir()
+        subprocess.run([sys.executable, "-c", _WRITE_TWICE, str(out)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        digests.append({str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    assert len(digests[0]) == 1 + 4 + 1  # one file, four shards and their index
+    assert digests[0] == digests[1]

@@ -148,3 +148,81 @@ def test_exclude_2d_accepts_one_pattern_as_a_string():
 def test_tsv_falls_back_to_the_mean_when_tasks_outnumber_the_rank():
     tasks = [{"w": torch.full((2, 2), float(i))} for i in range(3)]  # r = ⌊2/3⌋ = 0 would drop the tensor
     assert_close(merge("tsv", tasks).vector["w"], torch.full((2, 2), 1.0))
+
+
+# ------------------------------------------------------- the fast linear algebra against the plain SVD rules
+
+
+def _svd64(matrix):
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return u, s, vh.mT
+
+
+def _polar64(matrix):
+    u, _, v = _svd64(matrix)
+    return u @ v.mT
+
+
+def reference_tsv(tensors):
+    rank = min(tensors[0].shape) // len(tensors)
+    parts = [_svd64(x) for x in tensors]
+    u = _polar64(torch.cat([p[0][:, :rank] for p in parts], dim=1))
+    v = _polar64(torch.cat([p[2][:, :rank] for p in parts], dim=1))
+    return (u * torch.cat([p[1][:rank] for p in parts])) @ v.mT
+
+
+def reference_iso_c(tensors):
+    u, s, v = _svd64(sum(x.double() for x in tensors))
+    return s.mean() * (u @ v.mT)
+
+
+def reference_iso_cts(tensors, common_fraction):
+    common, per_task = subspace_sizes(min(tensors[0].shape), len(tensors), common_fraction)
+    u, s, v = _svd64(sum(x.double() for x in tensors))
+    us, ss, vs = [u[:, :common]], [s[:common]], [v[:, :common]]
+    for x in tensors:
+        x = x.double()
+        u_t, s_t, v_t = _svd64(x - us[0] @ (us[0].mT @ x))
+        us.append(u_t[:, :per_task])
+        ss.append(s_t[:per_task])
+        vs.append(v_t[:, :per_task])
+    return torch.cat(ss).mean() * (_polar64(torch.cat(us, dim=1)) @ _polar64(torch.cat(vs, dim=1)).mT)
+
+
+def relative_error(actual, expected) -> float:
+    return float((actual.double() - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+@pytest.mark.parametrize("name, reference", [("tsv", reference_tsv), ("iso_c", reference_iso_c),
+                                             ("iso_cts", lambda x: reference_iso_cts(x, 0.8))])
+def test_svd_merges_equal_the_float64_svd_rule(shape, name, reference):
+    """The Gram-matrix route (eigh of AAᵀ or AᵀA in float64, polar factors from it) is the same rule: it
+    matches the textbook SVD formulas evaluated in float64 to 1e-5 (float32 SVDs land about 2e-5 off)."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    tensors = [torch.randn(shape, generator=generator) * (t + 1) for t in range(3)]
+    merged = merge(name, [{"w": x} for x in tensors]).vector["w"]
+    assert relative_error(merged, reference(tensors)) < 1e-5
+
+
+def test_rank_deficient_matrices_take_the_svd_route():
+    from distac.merging import linalg
+
+    generator = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(20, 3, generator=generator) @ torch.randn(3, 30, generator=generator)
+    eigenvalues, _, left = linalg.gram_eigh(low_rank)
+    assert left and not linalg.well_conditioned(eigenvalues, 4)  # σ_4..σ_20 are rounding noise
+    u, s, v = linalg.top_svd(low_rank, 5)
+    p, sigma, q = linalg.svd(low_rank)
+    assert torch.equal(s, sigma[:5]) and torch.equal(u, p[:, :5]) and torch.equal(v, q[:, :5])
+    assert torch.equal(linalg.polar_factor(low_rank), p @ q.mT)
+    u3, s3, v3 = linalg.top_svd(low_rank, 3)  # the three real directions are well conditioned: Gram route
+    assert relative_error((u3 * s3) @ v3.mT, low_rank.double()) < 1e-5
+
+
+def test_emr_zero_entries_stay_positive_zero():
+    # Σ = 0 elects γ = −1 and no task agrees: τ_uni = γ ⊙ (+0) = −0, exactly as the elementwise rule gives
+    # (a running torch.maximum of +0 and −0 may keep −0, which would flip it to +0).
+    tasks = [{"w": torch.zeros(64)}, {"w": torch.zeros(64)}]
+    unified = merge("emr", tasks).vector["w"]
+    assert torch.equal(torch.signbit(unified), torch.ones(64, dtype=torch.bool))  # Σ = 0 elects −1

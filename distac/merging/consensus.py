@@ -11,13 +11,18 @@ from dataclasses import dataclass
 import torch
 
 from distac.merging.base import MergeMethod, check_number
+from distac.merging.linalg import sum_over_tasks
+
+
+def tall_mask(tensor: torch.Tensor, total: torch.Tensor, lam: float) -> torch.Tensor:
+    """One task's boolean TALL mask 1[|τ_t| > λ |τ_MTL − τ_t|]."""
+    return tensor.abs() > (total - tensor).abs_().mul_(lam)
 
 
 def tall_masks(tensors: list[torch.Tensor], lam: float) -> torch.Tensor:
     """The T boolean TALL masks of one tensor, stacked on dim 0."""
-    stacked = torch.stack(tensors)
-    total = stacked.sum(dim=0)
-    return stacked.abs() > lam * (total - stacked).abs()
+    total = sum_over_tasks(tensors)
+    return torch.stack([tall_mask(tensor, total, lam) for tensor in tensors])
 
 
 @dataclass
@@ -34,6 +39,8 @@ class Consensus(MergeMethod):
         check_number(self.name, "min_agree", self.min_agree, minimum=0, integer=True)
 
     def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        agreeing = tall_masks(tensors, self.lam).sum(dim=0)
-        total = torch.stack(tensors).sum(dim=0)
-        return self.alpha * torch.where(agreeing >= self.min_agree, total, 0.0)
+        total = sum_over_tasks(tensors)
+        agreeing = torch.zeros(total.shape, dtype=torch.int32, device=total.device)
+        for tensor in tensors:
+            agreeing += tall_mask(tensor, total, self.lam)
+        return torch.where(agreeing >= self.min_agree, total, 0.0).mul_(self.alpha)

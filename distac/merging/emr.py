@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from distac.merging.base import MergeMethod, TensorParts
+from distac.merging.linalg import sum_over_tasks
 
 
 @dataclass
@@ -29,17 +30,21 @@ class EMR(MergeMethod):
         self._masked_means: list[float] = []
 
     def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> TensorParts:
-        stacked = torch.stack(tensors)
-        elected = torch.where(stacked.sum(dim=0) > 0, 1.0, -1.0)
-        masks = stacked * elected > 0
-        unified = elected * torch.where(masks, stacked.abs(), 0.0).amax(dim=0)
+        elected = (sum_over_tasks(tensors) > 0) * 2.0 - 1.0  # +1 / −1; a product is faster than torch.where
+        magnitude = torch.zeros_like(elected)  # max_t |τ_t| over the tasks agreeing with γ
+        masks = []
+        for tensor in tensors:
+            signed = tensor * elected  # |τ_t| where τ_t agrees with γ, ≤ 0 elsewhere
+            masks.append(signed > 0)
+            torch.maximum(magnitude, signed, out=magnitude)
+        magnitude.abs_()  # max(+0, −0) may be −0: make every zero +0, as the elementwise rule gives
         if not self._task_means:
             self._task_means = [0.0] * len(tensors)
             self._masked_means = [0.0] * len(tensors)
-        for t in range(len(tensors)):
-            self._task_means[t] += float(stacked[t].abs().mean())
-            self._masked_means[t] += float(torch.where(masks[t], unified, 0.0).abs().mean())
-        return TensorParts(unified, list(masks))
+        for t, (tensor, mask) in enumerate(zip(tensors, masks)):
+            self._task_means[t] += float(tensor.abs().mean())
+            self._masked_means[t] += float((magnitude * mask).mean())  # = mean|M_t ⊙ τ_uni|, magnitude ≥ +0
+        return TensorParts(magnitude.mul_(elected), masks)
 
     def finish(self) -> dict[str, Any]:
         scales = [task / masked if masked > 0 else 1.0 for task, masked in zip(self._task_means, self._masked_means)]

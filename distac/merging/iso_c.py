@@ -11,13 +11,21 @@ from dataclasses import dataclass
 import torch
 
 from distac.merging.base import MatrixMethod
-from distac.merging.linalg import svd
+from distac.merging.linalg import gram_eigh, polar_from_gram, sum_over_tasks, svd
 
 
 def isotropic(matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` with all singular values set to their mean."""
-    u, s, v = svd(matrix)
-    return s.mean() * (u @ v.mT)
+    """``matrix`` with all singular values set to their mean: mean(σ) times its polar factor.
+
+    Both come from one eigendecomposition of the Gram matrix (σ = √λ); the SVD only when the matrix is
+    close to rank-deficient.
+    """
+    eigenvalues, eigenvectors, left = gram_eigh(matrix)
+    polar = polar_from_gram(matrix, eigenvalues, eigenvectors, left)
+    if polar is None:
+        u, s, v = svd(matrix)
+        return s.mean() * (u @ v.mT)
+    return float(eigenvalues.sqrt().mean()) * polar
 
 
 @dataclass
@@ -27,4 +35,4 @@ class IsoC(MatrixMethod):
     alpha: float = 1.0
 
     def merge_matrix(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return isotropic(torch.stack(tensors).sum(dim=0))
+        return isotropic(sum_over_tasks(tensors))

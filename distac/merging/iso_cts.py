@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from distac.merging.base import MatrixMethod, check_number
-from distac.merging.linalg import polar_factor, svd
+from distac.merging.linalg import gram_eigh, polar_factor, sum_over_tasks, svd, top_svd, well_conditioned
 
 
 def subspace_sizes(dim: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -29,16 +29,33 @@ def subspace_sizes(dim: int, num_tasks: int, common_fraction: float) -> tuple[in
 def iso_cts_factors(tensors: list[torch.Tensor], common_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U⊥, mean singular value, V⊥) of the Iso-CTS merge of one 2-D tensor."""
     common, per_task = subspace_sizes(min(tensors[0].shape), len(tensors), common_fraction)
-    u, s, v = svd(torch.stack(tensors).sum(dim=0))
-    us, ss, vs = [u[:, :common]], [s[:common]], [v[:, :common]]
-    if per_task:
-        u_common = us[0]
-        for tensor in tensors:
-            u_t, s_t, v_t = svd(tensor - u_common @ (u_common.mT @ tensor))
-            us.append(u_t[:, :per_task])
-            ss.append(s_t[:per_task])
-            vs.append(v_t[:, :per_task])
+    u_common, s_common, v_common, complement = common_subspace(sum_over_tasks(tensors), common)
+    us, ss, vs = [u_common], [s_common], [v_common]
+    for tensor in tensors if per_task else ():
+        if complement is None:
+            u_t, s_t, v_t = top_svd(tensor - u_common @ (u_common.mT @ tensor), per_task)
+        else:  # τ_t − U_c U_cᵀ τ_t = U_⊥ (U_⊥ᵀ τ_t): decompose the small (m − k_c) × n factor instead
+            u_small, s_t, v_t = top_svd(complement.mT @ tensor.double(), per_task)
+            u_t = (complement @ u_small.double()).float()
+        us.append(u_t)
+        ss.append(s_t)
+        vs.append(v_t)
     return polar_factor(torch.cat(us, dim=1)), torch.cat(ss).mean(), polar_factor(torch.cat(vs, dim=1))
+
+
+def common_subspace(total: torch.Tensor, common: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor | None]:
+    """The top ``common`` singular triplets (U_c, S_c, V_c) of the task sum, and, when they come from the
+    eigenvectors of ΣΣᵀ (m ≤ n), the orthonormal complement U_⊥ of U_c in float64 (else None)."""
+    eigenvalues, eigenvectors, left = gram_eigh(total)
+    if not well_conditioned(eigenvalues, common):
+        u, s, v = svd(total)
+        return u[:, :common], s[:common], v[:, :common], None
+    s = eigenvalues[:common].sqrt()
+    side = eigenvectors[:, :common]
+    other = (total.double().mT @ side if left else total.double() @ side) / s
+    u, v = (side, other) if left else (other, side)
+    return u.float(), s.float(), v.float(), eigenvectors[:, common:] if left else None
 
 
 @dataclass

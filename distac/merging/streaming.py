@@ -35,7 +35,7 @@ from distac.device import resolve_device
 from distac.merging import Merged, MergeMethod, get_method
 from distac.merging.base import iter_merged
 from distac.outputs import guard_output
-from distac.vectors import LazyTaskVector, TaskVector
+from distac.vectors import LastKeyCache, LazyTaskVector, TaskVector
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
     device = resolve_device(device)
     out_uri = str(out_uri).rstrip("/")
     pretrained = pretrained_uri if isinstance(pretrained_uri, Mapping) else io.open_checkpoint(pretrained_uri)
-    vectors = [LazyTaskVector(pretrained, uri if isinstance(uri, Mapping) else io.open_checkpoint(uri),
+    shared_pretrained = LastKeyCache(pretrained)  # the engine visits key by key: θ_pre is read once per key
+    vectors = [LazyTaskVector(shared_pretrained, uri if isinstance(uri, Mapping) else io.open_checkpoint(uri),
                               include, exclude, name=str(uri))
                for uri in finetuned_uris]
     num_tasks = len(vectors)

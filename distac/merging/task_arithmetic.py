@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from distac.merging.base import MergeMethod
+from distac.merging.linalg import sum_over_tasks
 
 
 @dataclass
@@ -16,4 +17,4 @@ class TaskArithmetic(MergeMethod):
     alpha: float = 1.0
 
     def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return self.alpha * torch.stack(tensors).sum(dim=0)
+        return sum_over_tasks(tensors).mul_(self.alpha)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from distac.merging.base import MatrixMethod
-from distac.merging.linalg import mean_over_tasks, polar_factor, svd
+from distac.merging.linalg import mean_over_tasks, polar_factor, top_svd
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,10 @@ def tsv_factors(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     rank = min(tensors[0].shape) // len(tensors)
     us, ss, vs = [], [], []
     for tensor in tensors:
-        u, s, v = svd(tensor)
-        us.append(u[:, :rank])
-        ss.append(s[:rank])
-        vs.append(v[:, :rank])
+        u, s, v = top_svd(tensor, rank)
+        us.append(u)
+        ss.append(s)
+        vs.append(v)
     return polar_factor(torch.cat(us, dim=1)), torch.cat(ss), polar_factor(torch.cat(vs, dim=1))
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from distac.merging.base import MatrixMethod, check_number
+from distac.merging.linalg import sum_over_tasks
 
 
 def wudi_optimize(tensors: list[torch.Tensor], steps: int, lr: float) -> torch.Tensor:
@@ -28,7 +29,7 @@ def wudi_optimize(tensors: list[torch.Tensor], steps: int, lr: float) -> torch.T
             task_gram = tensor.mT @ tensor / squared_norm
             gram += task_gram
             target += tensor @ task_gram
-    merged = torch.nn.Parameter(torch.stack(tensors).sum(dim=0))
+    merged = torch.nn.Parameter(sum_over_tasks(tensors))
     optimizer = torch.optim.Adam([merged], lr=lr)
     for _ in range(steps):
         merged.grad = 2 * (merged.detach() @ gram - target)
