@@ -290,3 +290,45 @@ def test_streaming_merge_from_and_to_s3(s3_bucket, tmp_path):
     assert streamed.scales == pytest.approx(expected.scales)
     materialize(out, f"{s3_bucket}/pre.safetensors", 1, f"{s3_bucket}/served-1")
     assert_same_tensors(io.load_state_dict(f"{s3_bucket}/served-1"), expected.for_task(1).apply_to(pre))
+
+
+@pytest.mark.parametrize("name, passes", [("task_arithmetic", 1), ("emr", 1), ("ties", 3)])
+def test_streaming_reads_each_pretrained_tensor_once_per_pass(name, passes, safetensors_inputs, tmp_path):
+    """θ_pre is cached per key across the T tasks; TIES needs two extra passes for its exact global threshold;
+    the served model (not written for EMR) reads θ_pre once more."""
+    from collections.abc import Mapping
+
+    class CountingReader(Mapping):
+        def __init__(self, reader):
+            self.reader, self.reads = reader, []
+
+        def __getitem__(self, key):
+            self.reads.append(key)
+            return self.reader[key]
+
+        def __iter__(self):
+            return iter(self.reader)
+
+        def __len__(self):
+            return len(self.reader)
+
+        def __contains__(self, key):  # Mapping's default would read the tensor
+            return key in self.reader
+
+        def shape(self, key):
+            return self.reader.shape(key)
+
+        def dtype(self, key):
+            return self.reader.dtype(key)
+
+    pre, pre_uri = safetensors_inputs
+    finetuned = []
+    for task in range(3):
+        io.save_state_dict(perturbed(pre, task), tmp_path / f"ft{task}.safetensors")
+        finetuned.append(str(tmp_path / f"ft{task}.safetensors"))
+    counting = CountingReader(io.open_checkpoint(pre_uri))
+    merge_checkpoints(name, counting, finetuned, str(tmp_path / "out"), device="cpu", progress=False)
+    order = list(counting)  # the file's order
+    floating = [key for key in order if pre[key].is_floating_point()]
+    model_pass = [] if METHODS[name].per_task else order
+    assert counting.reads == floating * passes + model_pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from distac import io
 from distac.errors import MismatchError, NonFiniteError
-from distac.vectors import LazyTaskVector, TaskVector, select_keys
+from distac.vectors import LastKeyCache, LazyTaskVector, TaskVector, all_finite, select_keys
 
 
 @pytest.fixture
@@ -145,3 +146,65 @@ def test_linear_algebra_invariants(xs, ys, scale):
     assert (u + v).norm() <= u.norm() + v.norm() + 1e-9
     assert -1 - 1e-9 <= u.cosine(v) <= 1 + 1e-9
     assert torch.allclose((u + v - v)["w"], u["w"])
+
+
+class CountingReader(Mapping):
+    """A real checkpoint reader that counts the tensors read through it."""
+
+    def __init__(self, reader):
+        self.reader, self.reads = reader, []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.reader[key]
+
+    def __iter__(self):
+        return iter(self.reader)
+
+    def __len__(self):
+        return len(self.reader)
+
+    def __contains__(self, key):  # Mapping's default would read the tensor
+        return key in self.reader
+
+    def shape(self, key):
+        return self.reader.shape(key)
+
+    def dtype(self, key):
+        return self.reader.dtype(key)
+
+
+def test_tasks_sharing_a_last_key_cache_read_each_pretrained_tensor_once(tmp_path, pretrained, finetuned):
+    io.save_state_dict(pretrained, tmp_path / "pre.safetensors")
+    io.save_state_dict(finetuned, tmp_path / "ft.safetensors")
+    counting = CountingReader(io.open_checkpoint(tmp_path / "pre.safetensors"))
+    shared = LastKeyCache(counting)
+    vectors = [LazyTaskVector(shared, io.open_checkpoint(tmp_path / "ft.safetensors")) for _ in range(3)]
+    for key in vectors[0]:  # the merge engine's order: key by key, every task
+        tensors = [vector[key] for vector in vectors]
+        assert all(torch.equal(t, finetuned[key] - pretrained[key]) for t in tensors)
+    assert counting.reads == list(vectors[0])  # once per key, not once per task
+    assert torch.equal(shared[list(vectors[0])[-1]], pretrained[list(vectors[0])[-1]])  # θ_pre left untouched
+
+
+def test_lazy_task_vector_names_the_model_with_the_bad_values(tmp_path, pretrained, finetuned):
+    io.save_state_dict(pretrained, tmp_path / "pre.safetensors")
+    bad_pre = {**pretrained, "a.weight": pretrained["a.weight"].clone()}
+    bad_pre["a.weight"][0, 0] = float("inf")
+    io.save_state_dict(bad_pre, tmp_path / "bad-pre.safetensors")
+    bad_ft = {**finetuned, "a.weight": finetuned["a.weight"].clone()}
+    bad_ft["a.weight"][1, 1] = float("nan")
+    io.save_state_dict(bad_ft, tmp_path / "bad-ft.safetensors")
+    io.save_state_dict(finetuned, tmp_path / "ft.safetensors")
+    with pytest.raises(NonFiniteError, match=r"'a.weight' in .*bad-ft.safetensors has 1 NaN/Inf"):
+        LazyTaskVector.from_checkpoints(tmp_path / "pre.safetensors", tmp_path / "bad-ft.safetensors")["a.weight"]
+    with pytest.raises(NonFiniteError, match="'a.weight' in the pretrained model has 1 NaN/Inf"):
+        LazyTaskVector.from_checkpoints(tmp_path / "bad-pre.safetensors", tmp_path / "ft.safetensors")["a.weight"]
+
+
+def test_all_finite_sees_through_an_overflowing_sum():
+    big = torch.full((4,), 3e38)
+    assert all_finite(big)  # the sum overflows to inf; the entries are finite
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")]))
+    assert all_finite(torch.zeros(0)) and all_finite(torch.ones(3, dtype=torch.bfloat16) * 60000)
