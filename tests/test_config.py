@@ -51,7 +51,7 @@ def test_defaults_and_recipe_overrides():
     (with_changes(data={"max_train": 0}), "data.max_train"),
     (with_changes(finetune={"learning_rate": 1e-3}), "finetune.learning_rate: Extra inputs are not permitted"),
     (with_changes(tasks=[{"name": "cola"}, {"name": "mrpc", "finetune": {"lr": -1}}]), "tasks.1.finetune.lr"),
-    (with_changes(tasks=[{"name": "cola"}, {"name": "qqp"}]), "tasks.1.name: Value error, unknown task 'qqp'"),
+    (with_changes(tasks=[{"name": "cola"}, {"name": "qqp"}]), "tasks.1: Value error, unknown task 'qqp'"),
     (with_changes(tasks=[{"name": "cola"}]), "tasks: List should have at least 2 items"),
     (with_changes(tasks=[{"name": "cola"}, {"name": "cola"}]), "task listed twice: cola"),
     (with_changes(conditioning={"kappa": {"policy": "explicit"}}), "conditioning.kappa: Value error, policy "

@@ -13,14 +13,15 @@ import os
 from distac.data.examples import (DatasetView, ImageExample, TaskData, TextExample, split_off, subsample,
                                   unlabeled)
 from distac.data.files import DataError, read_rows
-from distac.data.spec import DataSpec, UnlabeledSpec, load_task_data, load_tasks, parse_data_spec, read_unlabeled
+from distac.data.spec import (DataSpec, UnlabeledSpec, load_task_data, load_tasks, parse_data_spec, read_unlabeled,
+                              with_unlabeled)
 from distac.data.glue import GLUE_TASKS, find_glue_root, glue_task_name, read_glue_from_hub, read_glue_splits
 from distac.data.vision import read_image_folder, read_torchvision
 from distac.errors import DistacError
 
 __all__ = ["DataError", "DataSpec", "DatasetView", "ImageExample", "TaskData", "TextExample", "GLUE_TASKS",
            "UnlabeledSpec", "load_task", "load_task_data", "load_tasks", "parse_data_spec", "read_rows",
-           "read_unlabeled", "unlabeled"]
+           "read_unlabeled", "unlabeled", "with_unlabeled"]
 
 VISION_PREFIX = "vision:"
 IMAGE_FOLDER_PREFIX = "imagefolder:"

@@ -14,6 +14,7 @@ inputs (labels not needed) or ``{from_task: other}``, another task's training in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -299,27 +300,36 @@ def load_task_data(name: str, spec: DataSpec | Mapping[str, Any], *, class_names
         validation = splits["validation"]
     else:
         train, validation = split_off(train, validation_fraction, f"{name}-validation-{seed}")
-    pool = None
-    if spec.unlabeled is not None and spec.unlabeled.path is not None:
-        if spec.image is not None:
-            raise DataError(f"task {name!r}: an unlabeled file is for text tasks; an image task takes "
-                            "`unlabeled: {from_task: ...}` or its own training images")
-        pool = read_unlabeled(spec.unlabeled, spec.text, spec.text_pair)
-    elif spec.unlabeled is not None:
-        source_task = (other_tasks or {}).get(spec.unlabeled.from_task)
-        if source_task is None:
-            raise DataError(f"task {name!r}: unlabeled.from_task names {spec.unlabeled.from_task!r}, which is not "
-                            f"among the loaded tasks {sorted(other_tasks or {})}")
-        pool = source_task.train  # labels are dropped when drawn (TaskData.unlabeled); images stay lazy
-    return TaskData(
+    if spec.image is not None and spec.unlabeled is not None and spec.unlabeled.path is not None:
+        raise DataError(f"task {name!r}: an unlabeled file is for text tasks; an image task takes "
+                        "`unlabeled: {from_task: ...}` or its own training images")
+    data = TaskData(
         name=name,
         train=subsample(train, max_train, f"{name}-train-{seed}"),
         validation=subsample(validation, max_eval, f"{name}-validation-sample-{seed}"),
         test=subsample(splits["test"], max_eval, f"{name}-test-{seed}"),
         num_classes=len(names),
         class_names=names,
-        unlabeled_pool=pool,
     )
+    if spec.unlabeled is not None:
+        data = with_unlabeled(data, spec.unlabeled, text=spec.text, text_pair=spec.text_pair, other_tasks=other_tasks)
+    return data
+
+
+def with_unlabeled(data: TaskData, spec: UnlabeledSpec | Mapping[str, Any], *, text: str = "text",
+                   text_pair: str | None = None, other_tasks: Mapping[str, TaskData] | None = None) -> TaskData:
+    """``data`` whose unlabeled inputs (what DisTaC conditions on) come from ``spec``: a file, read with the
+    ``text``/``text_pair`` columns unless the spec names its own, or another task's training inputs."""
+    spec = spec if isinstance(spec, UnlabeledSpec) else UnlabeledSpec.model_validate(dict(spec))
+    if spec.path is not None:
+        pool = read_unlabeled(spec, text, text_pair)
+    else:
+        source_task = (other_tasks or {}).get(spec.from_task)
+        if source_task is None:
+            raise DataError(f"task {data.name!r}: unlabeled.from_task names {spec.from_task!r}, which is not "
+                            f"among the loaded tasks {sorted(other_tasks or {})}")
+        pool = source_task.train  # labels are dropped when drawn (TaskData.unlabeled); images stay lazy
+    return dataclasses.replace(data, unlabeled_pool=pool)
 
 
 def load_tasks(specs: Mapping[str, DataSpec | Mapping[str, Any] | None], **options: Any) -> dict[str, TaskData]:

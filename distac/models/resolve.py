@@ -26,6 +26,7 @@ import torch
 from distac import io
 from distac.errors import CheckpointError, MismatchError
 from distac.models import build_adapter, store
+from distac.models.base import ModelAdapter
 from distac.models.store import LoadedModel
 
 FORMS = ("distac", "hf", "spec", "checkpoint")
@@ -222,7 +223,7 @@ def align_to(view: BackboneView, reference: Mapping[str, torch.Tensor]) -> Backb
     return view
 
 
-def paired_backbones(pretrained: str | os.PathLike, finetuned: Sequence[str | os.PathLike]
+def paired_backbones(pretrained: str | os.PathLike | BackboneView, finetuned: Sequence[str | os.PathLike]
                      ) -> tuple[BackboneView, list[BackboneView]]:
     """θ_pre restricted to the fine-tuned models' backbone keys (unless θ_pre is a bare checkpoint, whose other
     keys a merged model keeps), and those models' backbones.
@@ -230,7 +231,7 @@ def paired_backbones(pretrained: str | os.PathLike, finetuned: Sequence[str | os
     Raises MismatchError before any tensor is read when a fine-tuned model has a tensor θ_pre lacks or of
     another shape, naming the tensor and both files.
     """
-    pre = backbone_checkpoint(pretrained)
+    pre = pretrained if isinstance(pretrained, BackboneView) else backbone_checkpoint(pretrained)
     models = [align_to(backbone_checkpoint(uri), pre) for uri in finetuned]
     for model in models:
         if pre.form == model.form == "hf":
@@ -285,18 +286,20 @@ def _family_spec(pretrained: str) -> dict | None:
 
 
 def load_image_tower(uri: str, pretrained: str | os.PathLike | None, class_names: Sequence[str] | None,
-                     task: str | None) -> LoadedModel:
+                     task: str | None, adapter: ModelAdapter | None = None) -> LoadedModel:
     """A bare image-tower checkpoint (open_clip state dict, pickled image encoder, transformers CLIP vision
-    weights) served with a zero-shot head of ``pretrained``'s family for ``class_names``."""
-    spec = _family_spec(str(pretrained)) if pretrained is not None else None
+    weights) served with a zero-shot head of ``pretrained``'s family (or ``adapter``'s) for ``class_names``."""
+    spec = adapter.spec() if adapter is not None else _family_spec(str(pretrained)) if pretrained is not None else None
     if spec is None or spec.get("kind") not in ZERO_SHOT_KINDS:
         raise CheckpointError(f"{uri} is a bare checkpoint: it holds weights but no model definition. Give "
                               "--pretrained as a model spec file (e.g. {\"kind\": \"open_clip\", ...}) for image "
                               "towers, or a distac model directory or a transformers directory with config.json")
     if not class_names:
         raise CheckpointError(f"{uri}: a zero-shot head needs the task's class names (give the task's data)")
-    adapter = build_adapter(spec)
-    _, (view,) = paired_backbones(str(pretrained), [uri])
+    adapter = adapter or build_adapter(spec)
+    pre = backbone_checkpoint(pretrained) if pretrained is not None else BackboneView(
+        io.CheckpointReader("θ_pre", tensors=adapter.pretrained_backbone_state()), str(adapter.spec()), form="spec")
+    _, (view,) = paired_backbones(pre, [uri])
     state = adapter.pretrained_backbone_state()  # tensors the checkpoint lacks keep θ_pre's value
     state.update({key: view[key] for key in view})
     model = adapter.build(len(class_names), list(class_names))
@@ -308,13 +311,15 @@ def load_image_tower(uri: str, pretrained: str | os.PathLike | None, class_names
 
 
 def load_model(uri: str | os.PathLike, pretrained: str | os.PathLike | None = None, *, task: str | None = None,
-               class_names: Sequence[str] | None = None, max_length: int | None = None) -> LoadedModel:
+               class_names: Sequence[str] | None = None, max_length: int | None = None,
+               adapter: ModelAdapter | None = None) -> LoadedModel:
     """Any supported fine-tuned model as (adapter, TaskModel, meta); ``meta['class_names']`` is [] when unknown.
 
     ``pretrained`` (an HF directory or hub id) makes the adapter's θ_pre that model, so its task vector and
     freshly built models come from it; without it an imported checkpoint is its own θ_pre. A bare image-tower
     checkpoint needs ``pretrained`` as a model spec (or distac directory) of a CLIP family and the task's
-    ``class_names`` for its zero-shot head. ``task`` names the task of an imported model.
+    ``class_names`` for its zero-shot head. ``task`` names the task of an imported model. ``adapter`` (the
+    pipeline's, of the same family) serves the imported model instead of one built from ``pretrained``.
     """
     from distac.models.hf_seqcls import has_tokenizer, load_sequence_classifier
 
@@ -323,12 +328,17 @@ def load_model(uri: str | os.PathLike, pretrained: str | os.PathLike | None = No
     if form == "distac":
         return store.load_task_model(uri)
     if form == "checkpoint":
-        return load_image_tower(uri, pretrained, class_names, task)
+        return load_image_tower(uri, pretrained, class_names, task, adapter)
     if form == "spec":
         raise CheckpointError(f"{uri} is a model spec (θ_pre of a model family), not a fine-tuned model")
     if hf_config(uri).get("model_type") in HF_CLIP_TYPES:
-        return load_image_tower(uri, pretrained, class_names, task)
+        return load_image_tower(uri, pretrained, class_names, task, adapter)
     local = local_hf_dir(uri)
+    if adapter is not None:
+        if pretrained is not None:
+            paired_backbones(pretrained, [uri])
+        model = load_sequence_classifier(local, adapter)
+        return LoadedModel(adapter, model, _hf_meta(uri, adapter.spec(), hf_config(uri), task))
     source = local
     if pretrained is not None and model_form(str(pretrained)) == "hf":
         source = local_hf_dir(str(pretrained))
@@ -343,6 +353,30 @@ def load_model(uri: str | os.PathLike, pretrained: str | os.PathLike | None = No
     adapter = build_adapter(spec)
     model = load_sequence_classifier(local, adapter)
     return LoadedModel(adapter, model, _hf_meta(uri, adapter.spec(), hf_config(uri), task))
+
+
+def checkpoint_class_names(uri: str | os.PathLike) -> list[str] | None:
+    """A fine-tuned model's label names in class order (a checkpoint's ``id2label``, a distac model's meta);
+    None when it has none (bare checkpoints, transformers' default ``LABEL_i`` names)."""
+    uri = str(uri).rstrip("/")
+    form = model_form(uri)
+    if form == "distac":
+        return store.load_meta(uri).get("class_names") or None
+    if form == "hf" and hf_config(uri).get("model_type") not in HF_CLIP_TYPES:
+        return _hf_meta(uri, {}, hf_config(uri), None)["class_names"] or None
+    return None
+
+
+def model_family(uri: str | os.PathLike) -> str | None:
+    """The adapter kind that serves a fine-tuned model ('hf_seqcls', 'hf_clip', a distac model's own kind);
+    None for a bare checkpoint (any image-tower family with a zero-shot head)."""
+    uri = str(uri).rstrip("/")
+    form = model_form(uri)
+    if form == "distac":
+        return store.load_meta(uri)["adapter"]["kind"]
+    if form == "hf":
+        return "hf_clip" if hf_config(uri).get("model_type") in HF_CLIP_TYPES else "hf_seqcls"
+    return None
 
 
 def save_imported(uri: str | os.PathLike, loaded: LoadedModel, task: str | None = None) -> str:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from distac.conditioning import DistacConfig
+from distac.data.spec import DataSpec, UnlabeledSpec
 from distac.errors import ConfigError, DistacError
 from distac.evaluation import DEFAULT_ALPHA_GRID
 from distac.merging import method_class
@@ -44,8 +45,7 @@ def _task_name(name: str) -> str:
     if name.startswith(IMAGE_FOLDER_PREFIX) and PLAIN_NAME.fullmatch(name[len(IMAGE_FOLDER_PREFIX):]):
         return name
     if PLAIN_NAME.fullmatch(name) and name not in (".", ".."):
-        raise ValueError(f"unknown task {name!r}: expected one of {', '.join(GLUE_TASKS)}, "
-                         f"'vision:<torchvision class>' or 'imagefolder:<folder under data.vision_root>'")
+        return name  # a task of the user's own: TaskParams requires its `data`
     raise ValueError(f"invalid task name {name!r}: a task name may hold only a-z, 0-9, '_' and '-' "
                      f"(after the prefix 'vision:' a torchvision class name, after 'imagefolder:' a folder name "
                      f"under data.vision_root; paths belong in data.vision_root, not in the name)")
@@ -69,11 +69,12 @@ class Section(BaseModel):
 
 class ModelParams(Section):
     """What ``distac.models.build_adapter`` builds. ``name_or_path`` is the Hugging Face model id or directory
-    (``hf_text``; 'minilm' is the bundled all-MiniLM-L6-v2) or the open_clip architecture (``open_clip``,
-    e.g. 'ViT-B-32'); ``options`` holds the adapter's other arguments (open_clip: ``pretrained`` weights
-    file, ``model_config``, ``templates``; hf_text: ``architecture``)."""
+    (``hf_text``; 'minilm' is the bundled all-MiniLM-L6-v2; ``hf_seqcls``: θ_pre of imported
+    sequence-classification checkpoints; ``hf_clip``: a transformers CLIPModel) or the open_clip architecture
+    (``open_clip``, e.g. 'ViT-B-32'); ``options`` holds the adapter's other arguments (open_clip:
+    ``pretrained`` weights file, ``model_config``, ``templates``; hf_text: ``architecture``)."""
 
-    kind: Literal["hf_text", "open_clip"] = "hf_text"
+    kind: Literal["hf_text", "open_clip", "hf_seqcls", "hf_clip"] = "hf_text"
     name_or_path: str = "minilm"
     pooling: Literal["mean", "cls", "last"] = "mean"
     max_length: PositiveInt = 128
@@ -82,6 +83,10 @@ class ModelParams(Section):
     def adapter_spec(self) -> dict[str, Any]:
         if self.kind == "open_clip":
             return {"kind": self.kind, "model_name": self.name_or_path, **self.options}
+        if self.kind == "hf_seqcls":  # imported classifiers: their own pooler/classifier head, no pooling choice
+            return {"kind": self.kind, "name_or_path": self.name_or_path, "max_length": self.max_length, **self.options}
+        if self.kind == "hf_clip":
+            return {"kind": self.kind, "name_or_path": self.name_or_path, **self.options}
         return {"kind": self.kind, "name_or_path": self.name_or_path, "pooling": self.pooling,
                 "max_length": self.max_length, **self.options}
 
@@ -135,11 +140,41 @@ def _optional_fields(model: type[BaseModel]) -> dict[str, Any]:
 RecipeOverride = create_model("RecipeOverride", __base__=Section, **_optional_fields(RecipeParams))
 
 
+def is_builtin_task(name: str) -> bool:
+    return name in GLUE_TASKS or name.startswith((VISION_PREFIX, IMAGE_FOLDER_PREFIX))
+
+
 class TaskParams(Section):
-    """One task to fine-tune and merge; ``finetune`` overrides the default recipe for it alone."""
+    """One task to fine-tune and merge; ``finetune`` overrides the default recipe for it alone.
+
+    ``data``: the task's files or dataset (``distac.data.DataSpec``; required for a name that is not a GLUE
+    task, ``vision:`` or ``imagefolder:``). ``finetuned``: an existing fine-tuned model (any form
+    ``distac.models.load_model`` takes) imported instead of fine-tuning. ``unlabeled``: what DisTaC
+    conditions on instead of the task's training inputs (a file, or ``{from_task: other}``).
+    """
 
     name: TaskName
     finetune: RecipeOverride = Field(default_factory=RecipeOverride)  # type: ignore[valid-type]
+    data: Annotated[DataSpec, Field(strict=False)] | None = None
+    finetuned: str | None = None
+    unlabeled: Annotated[UnlabeledSpec, Field(strict=False)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unlabeled_shorthand(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("unlabeled"), str):
+            values = {**values, "unlabeled": {"path": values["unlabeled"]}}
+        return values
+
+    @model_validator(mode="after")
+    def _known_or_described(self) -> "TaskParams":
+        if self.data is None and not is_builtin_task(self.name):
+            raise ValueError(f"unknown task {self.name!r}: expected one of {', '.join(GLUE_TASKS)}, "
+                             f"'vision:<torchvision class>' or 'imagefolder:<folder under data.vision_root>', "
+                             "or give the task its `data:` (files or a dataset; docs/own-models.md)")
+        if self.unlabeled is not None and self.data is not None and self.data.unlabeled is not None:
+            raise ValueError("give `unlabeled` once: in the task or in its `data`, not both")
+        return self
 
 
 class KappaParams(Section):
@@ -353,6 +388,16 @@ class PipelineParams(Section):
             if task.name == name:
                 return task
         raise ConfigError(f"tasks has no task {name!r}; configured: {', '.join(self.task_names)}")
+
+    @model_validator(mode="after")
+    def _surrogates_exist(self) -> "PipelineParams":
+        names = self.task_names
+        for task in self.tasks:
+            unlabeled = task.unlabeled or (task.data.unlabeled if task.data else None)
+            if unlabeled is not None and unlabeled.from_task is not None and unlabeled.from_task not in names:
+                raise ValueError(f"tasks: {task.name}: unlabeled.from_task {unlabeled.from_task!r} is not among "
+                                 f"tasks ({', '.join(names)})")
+        return self
 
     def recipe(self, task: str) -> RecipeParams:
         """The default recipe with this task's overrides applied."""

@@ -12,14 +12,16 @@ import torch
 from distac.calibration import confidence_stats
 from distac.conditioning import DistacConfig
 from distac.conditioning import condition as run_distac
-from distac.data import TaskData, load_task
+from distac.data import TaskData, load_task, load_task_data, with_unlabeled
+from distac.errors import ConfigError
 from distac.diagnostics import diagnose as run_diagnose
 from distac.evaluation import accuracy, evaluate_merged, labels_of, predict_logits, search_alpha
 from distac.merging import merge as run_merge
 from distac.merging.streaming import save_merged
 from distac.models import build_adapter
 from distac.models.base import ModelAdapter, TaskModel
-from distac.models.store import backbone_uri, save_pretrained, save_task_model
+from distac.models.resolve import checkpoint_class_names, load_model, model_family, paired_backbones
+from distac.models.store import LoadedModel, backbone_uri, save_pretrained, save_task_model
 from distac.pipeline.params import PipelineParams
 from distac.pipeline.report import metrics, plot_png, results_csv, results_markdown, results_rows
 from distac.pipeline.runner import StageContext
@@ -42,11 +44,41 @@ def adapter(params: PipelineParams) -> ModelAdapter:
 
 
 def task_data(params: PipelineParams, task: str) -> TaskData:
-    """A task's train / validation / test splits as the params subsample them."""
-    data = params.data
-    root = data.vision_root if task.startswith(("vision:", "imagefolder:")) else data.glue_dir
-    return load_task(task, root=root, max_train=data.max_train, max_eval=data.max_eval,
-                     validation_fraction=data.validation_fraction, seed=data.seed)
+    """A task's train / validation / test splits as the params subsample them: a built-in task, or the task's
+    ``data`` spec (classes in the order of its imported model's labels); DisTaC's inputs from ``unlabeled``."""
+    data, entry = params.data, params.task(task)
+    sizes = {"max_train": data.max_train, "max_eval": data.max_eval,
+             "validation_fraction": data.validation_fraction, "seed": data.seed}
+    if entry.data is None:
+        root = data.vision_root if task.startswith(("vision:", "imagefolder:")) else data.glue_dir
+        loaded = load_task(task, root=root, **sizes)
+    else:
+        class_names = checkpoint_class_names(entry.finetuned) if entry.finetuned else None
+        loaded = load_task_data(task, entry.data.model_copy(update={"unlabeled": None}), class_names=class_names,
+                                **sizes)
+    unlabeled = entry.unlabeled or (entry.data.unlabeled if entry.data else None)
+    if unlabeled is None:
+        return loaded
+    others = {unlabeled.from_task: task_data(params, unlabeled.from_task)} if unlabeled.from_task else None
+    text = {"text": entry.data.text, "text_pair": entry.data.text_pair} if entry.data else {}
+    return with_unlabeled(loaded, unlabeled, other_tasks=others, **text)
+
+
+def import_finetuned(context: StageContext, built: ModelAdapter, data: TaskData) -> LoadedModel:
+    """The task's existing fine-tuned model, served by the pipeline's adapter; θ_pre is checked against it
+    before it is loaded, and its class count against the task's data."""
+    task, uri = context.ref.task, context.params.task(context.ref.task).finetuned
+    pretrained = context.store.pretrained_uri()
+    paired_backbones(pretrained, [uri])
+    family = model_family(uri)
+    if family not in (None, built.kind):
+        raise ConfigError(f"tasks: {task}: the fine-tuned model {uri} is a {family} model but model.kind is "
+                          f"{built.kind!r}; set model.kind: {family} (and model.name_or_path to its θ_pre)")
+    loaded = load_model(uri, pretrained, task=task, class_names=data.class_names, adapter=built)
+    if loaded.meta["num_classes"] != data.num_classes:
+        raise ConfigError(f"tasks: {task}: the fine-tuned model {uri} has {loaded.meta['num_classes']} classes, "
+                          f"its data {data.num_classes} ({data.class_names})")
+    return loaded
 
 
 def distac_config(params: PipelineParams, task: str, diagnosis: dict[str, Any]) -> DistacConfig:
@@ -101,19 +133,23 @@ def finetune(context: StageContext) -> dict[str, Any]:
     params, task, store = context.params, context.ref.task, context.store
     built, data, recipe = adapter(params), task_data(params, task), params.recipe(task)
     device = context.device
-    result = run_finetune(built, data, FinetuneRecipe(**recipe.model_dump()), progress=context.progress,
-                          on_step=context.on_metrics)
-    model = result.model.to(device)
+    if params.task(task).finetuned:  # an existing model: imported, not trained
+        model, history = import_finetuned(context, built, data).model.to(device), []
+        recipe_record: dict[str, Any] = {"imported": params.task(task).finetuned}
+    else:
+        result = run_finetune(built, data, FinetuneRecipe(**recipe.model_dump()), progress=context.progress,
+                              on_step=context.on_metrics)
+        model, history, recipe_record = result.model.to(device), result.history, recipe.model_dump()
     val_acc, val_logits = accuracy_on(model, data.validation, built.collate, device)
     test_acc, _ = accuracy_on(model, data.test, built.collate, device)
     summary = {"validation_accuracy": val_acc, "test_accuracy": test_acc,
                "validation_mean_max_prob": confidence_stats(val_logits).mean_max_prob,
-               "train_examples": len(data.train), "final_loss": result.history[-1]["loss"]}
+               "train_examples": len(data.train), "final_loss": history[-1]["loss"] if history else None}
     save_task_model(store.model_uri(task), model.cpu(), built, task, data.num_classes, list(data.class_names),
-                    extra={"recipe": recipe.model_dump(), **summary})
+                    extra={"recipe": recipe_record, **summary})
     store.save_validation_logits(task, val_logits, labels_of(data.validation))
     store.write_json(context.ref, "metrics.json", summary)
-    store.write_json(context.ref, "history.json", jsonable(result.history))
+    store.write_json(context.ref, "history.json", jsonable(history))
     return summary
 
 

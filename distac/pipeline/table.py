@@ -90,8 +90,8 @@ MODEL_CODE = ("distac.io", "distac.models")
 STAGES: tuple[Stage, ...] = (
     Stage("pretrained", Scope.GLOBAL, "store θ_pre, the backbone every task vector is measured from",
           "pretrained", params=("model",), modules=MODEL_CODE, outputs=("model",)),
-    # A hook for users' own models: a per-task stage that imports an existing fine-tuned model instead of
-    # training one would be satisfied here (same outputs, its own function), leaving everything downstream as is.
+    # Users' own models: a task with `finetuned:` is imported here instead of trained (same outputs;
+    # distac.pipeline.stages.import_finetuned), leaving everything downstream as is.
     Stage("finetune", Scope.TASK, "fine-tune one task with its recipe; validation/test accuracy",
           "finetune", _up("pretrained"), params=("data", "finetune", "tasks.{task}"),
           modules=(*MODEL_CODE, "distac.data", "distac.training", "distac.evaluation", "distac.calibration"),
