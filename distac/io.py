@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -52,10 +53,45 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def _s3_options() -> dict[str, Any]:
+    """Bounded waits for S3: an endpoint that accepts and never answers, or refuses, fails in about
+    ``DISTAC_S3_TIMEOUT`` × ``DISTAC_S3_ATTEMPTS`` seconds instead of hanging (botocore retries in between)."""
+    timeout = float(os.environ.get("DISTAC_S3_TIMEOUT", "30"))
+    attempts = int(os.environ.get("DISTAC_S3_ATTEMPTS", "3"))
+    return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                              "retries": {"max_attempts": attempts, "mode": "standard"}}}
+
+
 def url_to_fs(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for a local path or a URI."""
-    fs, path = fsspec.core.url_to_fs(str(uri))
+    text = str(uri)
+    remote_s3 = text.startswith(("s3://", "s3a://"))
+    fs, path = fsspec.core.url_to_fs(text, **(_s3_options() if remote_s3 else {}))
+    if remote_s3:
+        fs.retries = 1  # botocore already retried; s3fs's own 5 back-off rounds would multiply the wait
     return fs, path
+
+
+def redact(uri: str) -> str:
+    """A URI safe to print or log: any ``user:password@`` part is removed."""
+    return re.sub(r"(?<=://)[^/@\s]*@", "", str(uri))
+
+
+def describe_storage_error(exc: BaseException) -> str | None:
+    """A one-line explanation of a storage failure (unreachable endpoint, timeout, denied access), naming
+    the service and endpoint without credentials; None when ``exc`` is not one."""
+    module = type(exc).__module__ or ""
+    if not module.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs")):
+        return None
+    endpoint = redact(os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or "AWS S3")
+    name = type(exc).__name__
+    if "Timeout" in name:
+        return f"S3 at {endpoint} did not answer in time ({name}; DISTAC_S3_TIMEOUT sets the wait): {redact(str(exc))}"
+    if "Connect" in name or "Connection" in name:
+        return f"cannot connect to S3 at {endpoint} ({name}): {redact(str(exc))}"
+    if "Credential" in name:
+        return f"no usable S3 credentials for {endpoint} ({name}); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    return f"S3 at {endpoint} failed: {name}: {redact(str(exc))}"
 
 
 def is_local(uri: str | os.PathLike) -> bool:
