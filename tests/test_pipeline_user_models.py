@@ -71,3 +71,18 @@ def test_params_name_what_is_wrong_with_a_users_task(hf_models, make_tiny_params
                                      tasks=tasks))
     with pytest.raises(ConfigError, match="unknown task 'reviews'.*give the task its `data:`"):
         load_params(make_tiny_params(tmp_path, tasks=[{"name": "reviews"}, {"name": "cola"}]))
+
+
+def test_changing_unlabeled_data_reruns_distac_but_not_the_fine_tuning(hf_models, make_tiny_params,  # noqa: F811
+                                                                       tmp_path):
+    from distac.pipeline import ref
+    from distac.pipeline.table import fingerprint
+
+    model = {"kind": "hf_seqcls", "name_or_path": hf_models["pre"]}
+    tasks = user_tasks(hf_models)
+    before = load_params(make_tiny_params(tmp_path, name="a.yaml", model=model, tasks=tasks))
+    tasks[1]["unlabeled"] = {"path": hf_models["reviews_test"], "text": "review"}
+    after = load_params(make_tiny_params(tmp_path, name="b.yaml", model=model, tasks=tasks))
+    for stage, changed in (("finetune", False), ("extract", False), ("condition", True)):
+        prints = [fingerprint(p, ref(p, stage, task="polarity")) for p in (before, after)]
+        assert (prints[0] != prints[1]) is changed, stage

@@ -56,7 +56,7 @@ def _upstream_deps(record: Stage, variant: str | None) -> list[str]:
 def _params(record: Stage) -> list[str]:
     keys = []
     for key in record.params:
-        plain = ".".join(part for part in key.split(".") if not part.startswith("{"))
+        plain = key.split(".{")[0]  # 'tasks.{task}.finetune' → 'tasks': DVC reads a list as a whole
         if plain not in keys:
             keys.append(plain)
     return keys

@@ -172,8 +172,8 @@ class TaskParams(Section):
             raise ValueError(f"unknown task {self.name!r}: expected one of {', '.join(GLUE_TASKS)}, "
                              f"'vision:<torchvision class>' or 'imagefolder:<folder under data.vision_root>', "
                              "or give the task its `data:` (files or a dataset; docs/own-models.md)")
-        if self.unlabeled is not None and self.data is not None and self.data.unlabeled is not None:
-            raise ValueError("give `unlabeled` once: in the task or in its `data`, not both")
+        if self.data is not None and self.data.unlabeled is not None:  # its own key: changing it re-runs DisTaC only
+            raise ValueError("give `unlabeled` beside `data` in the task, not inside it")
         return self
 
 
@@ -393,7 +393,7 @@ class PipelineParams(Section):
     def _surrogates_exist(self) -> "PipelineParams":
         names = self.task_names
         for task in self.tasks:
-            unlabeled = task.unlabeled or (task.data.unlabeled if task.data else None)
+            unlabeled = task.unlabeled
             if unlabeled is not None and unlabeled.from_task is not None and unlabeled.from_task not in names:
                 raise ValueError(f"tasks: {task.name}: unlabeled.from_task {unlabeled.from_task!r} is not among "
                                  f"tasks ({', '.join(names)})")

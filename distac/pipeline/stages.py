@@ -54,9 +54,8 @@ def task_data(params: PipelineParams, task: str) -> TaskData:
         loaded = load_task(task, root=root, **sizes)
     else:
         class_names = checkpoint_class_names(entry.finetuned) if entry.finetuned else None
-        loaded = load_task_data(task, entry.data.model_copy(update={"unlabeled": None}), class_names=class_names,
-                                **sizes)
-    unlabeled = entry.unlabeled or (entry.data.unlabeled if entry.data else None)
+        loaded = load_task_data(task, entry.data, class_names=class_names, **sizes)
+    unlabeled = entry.unlabeled
     if unlabeled is None:
         return loaded
     others = {unlabeled.from_task: task_data(params, unlabeled.from_task)} if unlabeled.from_task else None

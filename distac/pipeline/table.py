@@ -93,7 +93,8 @@ STAGES: tuple[Stage, ...] = (
     # Users' own models: a task with `finetuned:` is imported here instead of trained (same outputs;
     # distac.pipeline.stages.import_finetuned), leaving everything downstream as is.
     Stage("finetune", Scope.TASK, "fine-tune one task with its recipe; validation/test accuracy",
-          "finetune", _up("pretrained"), params=("data", "finetune", "tasks.{task}"),
+          "finetune", _up("pretrained"),
+          params=("data", "finetune", "tasks.{task}.finetune", "tasks.{task}.data", "tasks.{task}.finetuned"),
           modules=(*MODEL_CODE, "distac.data", "distac.training", "distac.evaluation", "distac.calibration"),
           outputs=("model", "metrics.json", "history.json", "validation_logits.safetensors"),
           isolated=True, metrics="train/"),
@@ -105,7 +106,8 @@ STAGES: tuple[Stage, ...] = (
           modules=("distac.io", "distac.vectors", "distac.diagnostics", "distac.calibration"),
           outputs=("diagnosis.json", "diagnosis.md")),
     Stage("condition", Scope.TASK, "DisTaC on one task if the diagnosis selected it",
-          "condition", _up("pretrained", "finetune", "extract", "diagnose"), params=("data", "conditioning"),
+          "condition", _up("pretrained", "finetune", "extract", "diagnose"),
+          params=("data", "conditioning", "tasks.{task}.unlabeled"),
           modules=(*MODEL_CODE, "distac.data", "distac.vectors", "distac.conditioning", "distac.evaluation"),
           outputs=("summary.json", "history.json", "task_vector.safetensors"), metrics="distac/"),
     Stage("merge", Scope.METHOD, "merge every task vector with one method; α fixed or searched",
