@@ -14,17 +14,6 @@ from distac.merging.base import MergeMethod, check_number
 from distac.merging.linalg import sum_over_tasks
 
 
-def tall_mask(tensor: torch.Tensor, total: torch.Tensor, lam: float) -> torch.Tensor:
-    """One task's boolean TALL mask 1[|τ_t| > λ |τ_MTL − τ_t|]."""
-    return tensor.abs() > (total - tensor).abs_().mul_(lam)
-
-
-def tall_masks(tensors: list[torch.Tensor], lam: float) -> torch.Tensor:
-    """The T boolean TALL masks of one tensor, stacked on dim 0."""
-    total = sum_over_tasks(tensors)
-    return torch.stack([tall_mask(tensor, total, lam) for tensor in tensors])
-
-
 @dataclass
 class Consensus(MergeMethod):
     name = "consensus"
@@ -40,7 +29,10 @@ class Consensus(MergeMethod):
 
     def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         total = sum_over_tasks(tensors)
-        agreeing = torch.zeros(total.shape, dtype=torch.int32, device=total.device)
+        agreeing, margin = torch.zeros_like(total), torch.empty_like(total)
         for tensor in tensors:
-            agreeing += tall_mask(tensor, total, self.lam)
+            # m_t as a number, without the slow boolean comparison: |τ_t| − λ|τ_MTL − τ_t| is positive exactly
+            # when |τ_t| > λ|τ_MTL − τ_t| (a float difference is 0 only for equal floats), so relu + sign = m_t
+            torch.sub(total, tensor, out=margin).abs_().mul_(-self.lam).add_(tensor.abs()).relu_().sign_()
+            agreeing += margin
         return torch.where(agreeing >= self.min_agree, total, 0.0).mul_(self.alpha)
