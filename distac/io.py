@@ -46,20 +46,14 @@ _DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-
-
-def _s3_options() -> dict[str, Any]:
-    """Bounded waits for S3: an endpoint that accepts and never answers, or refuses, fails in about
-    ``DISTAC_S3_TIMEOUT`` × ``DISTAC_S3_ATTEMPTS`` seconds instead of hanging (botocore retries in between)."""
-    timeout = float(os.environ.get("DISTAC_S3_TIMEOUT", "30"))
-    attempts = int(os.environ.get("DISTAC_S3_ATTEMPTS", "3"))
-    return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
-                              "retries": {"max_attempts": attempts, "mode": "standard"}}}
 
 
 def url_to_fs(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
