@@ -56,6 +56,15 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def _s3_options() -> dict[str, Any]:
+    """Bounded waits for S3: an endpoint that accepts and never answers, or refuses, fails in about
+    ``DISTAC_S3_TIMEOUT`` × ``DISTAC_S3_ATTEMPTS`` seconds instead of hanging (botocore retries in between)."""
+    timeout = float(os.environ.get("DISTAC_S3_TIMEOUT", "30"))
+    attempts = int(os.environ.get("DISTAC_S3_ATTEMPTS", "3"))
+    return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                              "retries": {"max_attempts": attempts, "mode": "standard"}}}
+
+
 def url_to_fs(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for a local path or a URI."""
     text = str(uri)
