@@ -280,6 +280,20 @@ def test_cli_diagnose_condition_merge_evaluate_on_hf_checkpoints_and_csv(hf_mode
                  "--merged", str(tmp_path / "merged"), "--json", str(tmp_path / "eval.json")]) == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     assert [row["task"] for row in report["merged"]["tasks"]] == ["ft_reviews", "ft_polarity"]
+    assert report["merged"]["alpha"] == 0.5  # the α the merge carries, applied once
+    assert main(["evaluate", "--pretrained", pre, "--finetuned", ft_a, ft_b, "--data", *specs, "--method",
+                 "task_arithmetic", "--search-alpha", "--grid", "0.5", "1.0", "--json", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["alpha_search"]["alpha"] in (0.5, 1.0)
+
+    assert main(["extract", "--pretrained", pre, "--finetuned", ft_a, "--out", str(tmp_path / "tv.safetensors")]) == 0
+    from distac import io
+    from distac.vectors import TaskVector
+
+    loaded = load_model(ft_a, pretrained=pre)
+    pre_state = {k: v for k, v in backbone_checkpoint(pre).items() if k in loaded.model.backbone_state()}
+    expected = TaskVector.from_state_dicts(pre_state, loaded.model.backbone_state())
+    extracted = io.load_state_dict(str(tmp_path / "tv.safetensors"))
+    assert set(extracted) == set(expected) and all(torch.equal(extracted[k], expected[k]) for k in expected)
 
 
 def test_merge_and_diagnose_take_distac_finetune_directories(tmp_path, tiny_encoder, capsys):

@@ -60,7 +60,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from distac.cli.merge import hyperparameters_from_args
     from distac.merging import merge
-    from distac.merging.streaming import load_merged, read_record
+    from distac.merging.streaming import load_merged
     from distac.cli.common import data_specs, load_models, task_data
 
     _check_args(args)
@@ -85,24 +85,19 @@ def run(args: argparse.Namespace) -> int:
         pretrained = load_pretrained(args.pretrained, list(loaded[0].model.backbone_state()))
         options = dict(split=args.split, finetuned_accuracy=finetuned, batch_size=args.batch_size, device=args.device)
         if args.merged:
-            merged = load_merged(args.merged)
-            evaluation = evaluate_merged(adapter, pretrained, merged, heads, tasks, **options)
-            evaluation.alpha = read_record(args.merged)["hyperparameters"].get("alpha")  # inside the vector
+            merged = load_merged(args.merged)  # it carries its α (merged.alpha); it is never applied again
         else:
             vectors = [TaskVector.from_state_dicts(pretrained, m.model.backbone_state()) for m in loaded]
             hyperparams = hyperparameters_from_args(args.method, None, args.set)
-            alpha = args.alpha
             if args.search_alpha:
                 search = search_alpha(args.method, vectors, adapter, pretrained, heads, tasks, grid=args.grid,
                                       hyperparams=hyperparams, batch_size=args.batch_size, device=args.device)
                 report["alpha_search"] = search.to_dict()
-                merged, alpha = search.merged, search.alpha
+                merged = search.merged
             else:
-                scale = {} if alpha is None else {"alpha": alpha}  # no --alpha: the method's default
+                scale = {} if args.alpha is None else {"alpha": args.alpha}  # no --alpha: the method's default
                 merged = merge(args.method, vectors, **scale, **hyperparams)
-            evaluation = evaluate_merged(adapter, pretrained, merged, heads, tasks, **options)
-            if not args.search_alpha:
-                evaluation.alpha = alpha
+        evaluation = evaluate_merged(adapter, pretrained, merged, heads, tasks, **options)
         report["merged"] = evaluation.to_dict()
         lines = [per_task_table_markdown([evaluation], finetuned_accuracy=finetuned)]
     print("\n".join(lines))
