@@ -546,3 +546,35 @@ def test_the_python_api_of_the_user_doc(hf_models):
     result = condition(ft.model, pre, tau, task.unlabeled(16), ft.adapter.collate,
                        DistacConfig(kappa=0.5, steps=2, batch_size=8), progress=False)
     assert result.kappa == 0.5 and result.vector.norm() > 0
+
+
+@pytest.mark.parametrize("family", ["roberta", "deberta-v2", "llama"])
+def test_other_architectures_predict_exactly_what_transformers_does(family, tmp_path, tiny_encoder):
+    """RoBERTa (classifier on the sequence), DeBERTa-v2 (its own pooler) and a Llama-style decoder (score on the
+    rightmost non-padding token), saved with save_pretrained beside a tokenizer."""
+    import shutil
+
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DebertaV2Config, LlamaConfig,
+                              RobertaConfig)
+
+    size = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 37, "num_labels": 3, "pad_token_id": 0}
+    config = {"roberta": lambda: RobertaConfig(**size, max_position_embeddings=64),
+              "deberta-v2": lambda: DebertaV2Config(**size, max_position_embeddings=64),
+              "llama": lambda: LlamaConfig(**size, num_key_value_heads=2, max_position_embeddings=64)}[family]()
+    torch.manual_seed(1)
+    reference = AutoModelForSequenceClassification.from_config(config).eval()
+    reference.save_pretrained(tmp_path / "ft")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(tiny_encoder) / name).exists():
+            shutil.copy(Path(tiny_encoder) / name, tmp_path / "ft" / name)
+    loaded = load_model(str(tmp_path / "ft"))
+    examples = [TextExample(text, None, None) for text in ("a short one", "a somewhat longer sentence here", "x")]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ft")
+    with torch.no_grad():
+        inputs = tokenizer([e.text_a for e in examples], padding=True, return_tensors="pt")
+        if family == "llama":
+            inputs.pop("token_type_ids", None)
+        expected = reference(**inputs).logits
+        assert torch.equal(loaded.model(loaded.adapter.collate(examples)), expected)
+    assert not set(loaded.model.head_state()) & set(loaded.model.backbone_state())
