@@ -578,3 +578,18 @@ def test_other_architectures_predict_exactly_what_transformers_does(family, tmp_
         expected = reference(**inputs).logits
         assert torch.equal(loaded.model(loaded.adapter.collate(examples)), expected)
     assert not set(loaded.model.head_state()) & set(loaded.model.backbone_state())
+
+
+def test_cli_finetune_and_evaluate_a_task_of_ones_own(hf_models, tiny_encoder, tmp_path, capsys):
+    spec = tmp_path / "reviews.yaml"
+    spec.write_text(f"train: {hf_models['reviews_train']}\ntest: {hf_models['reviews_test']}\n"
+                    "text: review\nlabel: stars\n")
+    assert main(["finetune", "--task", "reviews", "--data", str(spec), "--model", tiny_encoder, "--steps", "2",
+                 "--batch-size", "4", "--lr", "1e-3", "--out", str(tmp_path / "ft"), "--pretrained-out",
+                 str(tmp_path / "pre"), "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
+    assert (meta["task"], meta["class_names"]) == ("reviews", ["mid", "neg", "pos"])
+    assert meta["extra"]["recipe"]["steps"] == 2
+    assert main(["evaluate", "--finetuned", str(tmp_path / "ft"), "--data", str(spec),
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["models"][0]["task"] == "reviews"
