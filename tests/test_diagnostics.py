@@ -153,3 +153,26 @@ def test_diagnose_models_on_real_fine_tuned_models():
     assert all(t.ece is not None and t.mean_max_prob is not None for t in diagnosis.tasks)
     vector = TaskVector.from_state_dicts(pretrained, sources[0].model.backbone_state())
     assert diagnosis.tasks[0].norm == pytest.approx(vector.norm())
+
+
+def test_pipeline_kappa_policy_recommended_conditions_with_the_diagnosis_kappa():
+    """``conditioning.kappa.policy: recommended``: each task's κ is the diagnosis' (shrink only what is
+    flagged long); T_stu 'auto' stays 1 for a norm-only task."""
+    from distac.pipeline.params import PipelineParams
+    from distac.pipeline.stages import distac_config
+
+    names = ("cola", "sst2", "rte")
+    vectors = dict(zip(names, _vectors().values()))
+    vectors["sst2"] = vectors["sst2"] * 5.0
+    diagnosis = json.loads(json.dumps(diagnose(vectors).to_dict()))
+    params = PipelineParams.model_validate({
+        "tasks": [{"name": name} for name in names], "merge": {"methods": [{"name": "task_arithmetic"}]},
+        "conditioning": {"kappa": {"policy": "recommended"}, "student_temperature": "auto"}})
+    configs = {name: distac_config(params, name, diagnosis) for name in names}
+    assert configs["sst2"].kappa == pytest.approx(diagnosis["recommendations"][1]["kappa"])
+    assert configs["sst2"].kappa < 1 and configs["cola"].kappa == configs["rte"].kappa == 1.0
+    assert all(c.student_temperature == 1.0 and c.target_norm is None for c in configs.values())
+    with pytest.raises(ValueError, match="not used with policy 'recommended'"):
+        PipelineParams.model_validate({"tasks": [{"name": "cola"}, {"name": "rte"}],
+                                       "merge": {"methods": [{"name": "task_arithmetic"}]},
+                                       "conditioning": {"kappa": {"policy": "recommended", "value": 0.5}}})

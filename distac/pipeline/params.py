@@ -178,17 +178,19 @@ class TaskParams(Section):
 
 
 class KappaParams(Section):
-    """How DisTaC picks the norm scale κ_t: shrink to the smallest norm (``min``), a fixed κ
-    (``explicit``, ``value`` = κ) or a fixed target norm (``target_norm``, ``value`` = the norm)."""
+    """How DisTaC picks the norm scale κ_t: the diagnosis' recommendation (``recommended``: shrink only
+    vectors flagged for norm disparity, see ``distac.diagnostics``), shrink to the smallest norm (``min``),
+    a fixed κ (``explicit``, ``value`` = κ) or a fixed target norm (``target_norm``, ``value`` = the norm)."""
 
-    policy: Literal["min", "explicit", "target_norm"] = "min"
+    policy: Literal["recommended", "min", "explicit", "target_norm"] = "min"
     value: PositiveFloat | None = None
 
     @model_validator(mode="after")
     def _value_matches_policy(self) -> "KappaParams":
-        if self.policy == "min" and self.value is not None:
-            raise ValueError("value is not used with policy 'min'; remove it")
-        if self.policy != "min" and self.value is None:
+        derived = self.policy in ("recommended", "min")
+        if derived and self.value is not None:
+            raise ValueError(f"value is not used with policy {self.policy!r}; remove it")
+        if not derived and self.value is None:
             raise ValueError(f"policy {self.policy!r} needs a value")
         return self
 

@@ -88,6 +88,8 @@ def distac_config(params: PipelineParams, task: str, diagnosis: dict[str, Any]) 
         kappa = {"kappa": cfg.kappa.value}
     elif cfg.kappa.policy == "target_norm":
         kappa = {"target_norm": cfg.kappa.value}
+    elif cfg.kappa.policy == "recommended":
+        kappa = {"kappa": next(r for r in diagnosis["recommendations"] if r["task"] == task)["kappa"]}
     else:
         kappa = {"target_norm": min(t["norm"] for t in diagnosis["tasks"])}
     student_temperature = cfg.student_temperature
