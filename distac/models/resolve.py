@@ -49,6 +49,13 @@ def _is_hub_id(uri: str) -> bool:
     return "://" not in uri and not Path(uri).exists() and HUB_ID.fullmatch(uri) is not None
 
 
+def _bundled(uri: str) -> str:
+    """'minilm' (the bundled all-MiniLM-L6-v2) as its directory; anything else unchanged."""
+    from distac.models.text import BUNDLED_MINILM, resolve_model_path
+
+    return resolve_model_path(uri) if uri.lower() == BUNDLED_MINILM else uri
+
+
 def _hub_snapshot(repo_id: str) -> str | None:
     """The local cache directory of a hub model, or None when it is not cached."""
     from huggingface_hub import try_to_load_from_cache
@@ -58,8 +65,9 @@ def _hub_snapshot(repo_id: str) -> str | None:
 
 
 def model_form(uri: str | os.PathLike) -> str:
-    """'distac' (has meta.json), 'hf' (a transformers directory or cached hub id) or 'checkpoint'."""
-    uri = str(uri).rstrip("/")
+    """'distac' (has meta.json), 'hf' (a transformers directory or cached hub id), 'spec' (a JSON model
+    spec) or 'checkpoint'."""
+    uri = _bundled(str(uri).rstrip("/"))
     if _is_hub_id(uri):
         if _hub_snapshot(uri) is None:
             raise CheckpointError(f"{uri} is neither a local path nor a hub model in the local cache "
@@ -101,7 +109,7 @@ def open_raw_checkpoint(uri: str) -> io.CheckpointReader:
 
 def local_hf_dir(uri: str) -> str:
     """A local directory transformers can read: the path itself, the hub cache, or a copy of an s3:// directory."""
-    uri = str(uri).rstrip("/")
+    uri = _bundled(str(uri).rstrip("/"))
     if _is_hub_id(uri):
         return _hub_snapshot(uri) or uri
     if io.is_local(uri):
