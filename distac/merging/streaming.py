@@ -8,9 +8,10 @@ in-memory ``merge`` (``iter_merged``) and writes, under OUT::
     model/             θ_pre + τ_m over every pretrained key (other keys passed through); not for EMR
     merge.json         method, hyperparameters, inputs, number of tasks, EMR scales, path and device
 
-Memory holds T input tensors of one key plus the writers' shard buffers (``max_shard_bytes`` each; EMR's
-masks take one byte per entry). The model is written in a second pass that reads the staged vector back,
-so the two outputs never buffer at the same time. Everything is staged in a temporary directory and
+Memory holds T input tensors of one key plus one shard buffer: ``max_shard_bytes`` for the vector, and
+for EMR that budget split evenly between the vector and its T mask writers (masks take one byte per
+entry). The model is written in a second pass that reads the staged vector back, so the two outputs never
+buffer at the same time. Everything is staged in a temporary directory and
 appears at OUT only when the whole merge succeeded (S3: uploaded with merge.json last).
 """
 
@@ -146,12 +147,14 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
     num_tasks = len(vectors)
     log.info("merging %d checkpoints with %s over %d tensors on %s", num_tasks, method.name, len(vectors[0]), device)
 
+    # EMR writes T + 1 outputs side by side: they share one shard's budget, so memory does not grow with T
+    shard_bytes = max(1, max_shard_bytes // (num_tasks + 1)) if method.per_task else max_shard_bytes
     with staged_directory(out_uri, overwrite) as staging:
         with contextlib.ExitStack() as writers:
             vector_writer = writers.enter_context(
-                io.ShardedSafetensorsWriter(os.path.join(staging, VECTOR_DIR), max_shard_bytes))
+                io.ShardedSafetensorsWriter(os.path.join(staging, VECTOR_DIR), shard_bytes))
             mask_writers = [writers.enter_context(io.ShardedSafetensorsWriter(os.path.join(staging, mask_dir(i)),
-                                                                              max_shard_bytes))
+                                                                              shard_bytes))
                             for i in range(num_tasks)] if method.per_task else []
             for key, result in iter_merged(method, vectors, device=device, progress=progress):
                 if isinstance(result, torch.Tensor):
