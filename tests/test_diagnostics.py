@@ -38,15 +38,15 @@ def test_clean_set_raises_no_flags():
     assert max(t.norm_ratio for t in diagnosis.tasks) < 1.3
 
 
-def test_planted_norm_disparity_is_flagged_and_shrunk_to_the_others_median():
+def test_planted_norm_disparity_is_flagged_and_shrunk_to_the_threshold():
     vectors = _vectors()
     vectors["t1"] = vectors["t1"] * 5.0
     diagnosis = diagnose(vectors)
     assert diagnosis.flags == {"norm_disparity": ["t1"]}
     by_task = {r.task: r for r in diagnosis.recommendations}
     assert by_task["t1"].condition and by_task["t1"].student_temperature == 1.0  # norm only: no sharpening
-    others_median = (vectors["t0"].norm() + vectors["t2"].norm()) / 2
-    assert by_task["t1"].kappa * vectors["t1"].norm() == pytest.approx(others_median)
+    smallest = min(vectors["t0"].norm(), vectors["t2"].norm())
+    assert by_task["t1"].kappa * vectors["t1"].norm() == pytest.approx(2.0 * smallest)  # threshold 2×
     assert by_task["t0"].kappa == by_task["t2"].kappa == 1.0 and not by_task["t0"].condition
     assert by_task["t1"].config(steps=10).kappa == by_task["t1"].kappa
 
@@ -57,15 +57,16 @@ def _scaled(vector: TaskVector, norm: float) -> TaskVector:
 
 def test_a_vector_below_its_norm_threshold_is_never_shrunk():
     """Norms 1, 1.26, 1.5 and 6: only the 6× vector is flagged (threshold 2×) and only it is shrunk, to
-    the median of the others (1.26), not to the smallest."""
+    2× the smallest (the least shrink that clears its flag), not to the smallest."""
     vectors = _vectors(4)
     vectors = {name: _scaled(v, norm) for (name, v), norm in zip(vectors.items(), (1.0, 1.26, 1.5, 6.0))}
     diagnosis = diagnose(vectors)
     assert diagnosis.flags == {"norm_disparity": ["t3"]}
     kappas = {r.task: r.kappa for r in diagnosis.recommendations}
-    assert kappas == {"t0": 1.0, "t1": 1.0, "t2": 1.0, "t3": pytest.approx(1.26 / 6.0)}
+    assert kappas == {"t0": 1.0, "t1": 1.0, "t2": 1.0, "t3": pytest.approx(2.0 / 6.0)}
     assert [r.task for r in diagnosis.recommendations if r.condition] == ["t3"]
-    assert "median norm 1.26" in diagnosis.recommendations[3].reasons[0]
+    assert "shrink to 2× it (2)" in diagnosis.recommendations[3].reasons[0]
+    assert diagnose(vectors, norm_ratio_threshold=3.0).recommendations[3].kappa == pytest.approx(3.0 / 6.0)
 
 
 def test_planted_low_confidence_is_flagged_with_a_sharpening_temperature():
