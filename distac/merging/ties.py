@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from distac.merging.base import MergeMethod, check_number, load_tensors
-from distac.merging.linalg import sum_over_tasks
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +111,16 @@ class Ties(MergeMethod):
             raise RuntimeError("ties: prepare() must run over the same task vectors before merge_tensor()")
         # Fused elementwise ops instead of boolean masks and torch.where, which are several times slower on
         # CPU. hardshrink keeps |x| > λ: with λ the float32 just below the threshold, that is |x| ≥ threshold.
-        trimmed = [torch.nn.functional.hardshrink(t, _just_below(limit)) for t, limit in zip(tensors, thresholds)]
-        elected = torch.sign(sum_over_tasks(trimmed))
+        # The trimmed τ̂_t are recomputed in the second loop rather than kept: T fewer tensors in memory.
+        limits = [_just_below(limit) for limit in thresholds]
+        trim = torch.nn.functional.hardshrink
+        elected = trim(tensors[0], limits[0])
+        for tensor, limit in zip(tensors[1:], limits[1:]):
+            elected += trim(tensor, limit)
+        elected.sign_()
         magnitude_sum, count, agreeing = torch.zeros_like(elected), torch.zeros_like(elected), torch.empty_like(elected)
-        for tensor in trimmed:
-            torch.mul(tensor, elected, out=agreeing).relu_()  # |τ̂_t| where it has the elected sign, else 0
+        for tensor, limit in zip(tensors, limits):
+            torch.mul(trim(tensor, limit), elected, out=agreeing).relu_()  # |τ̂_t| where it has the elected sign
             magnitude_sum += agreeing
             count += agreeing.sign_()
         # γ · Σ|τ̂_t| equals Σ τ̂_t over the agreeing entries exactly (negation is exact)
