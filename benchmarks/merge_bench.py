@@ -379,7 +379,8 @@ def format_table(rows: list[dict]) -> str:
         s = row["summary"]
         cells = [row["label"]]
         cells += [_cell(row[m].get("seconds"), ".1f") if "error" not in row[m] else "failed" for m in modes]
-        cells += [_cell(row[m].get("peak_rss_bytes", 0) / MIB, ".0f") if "error" not in row[m] else "—" for m in modes]
+        cells += [_cell(row[m].get("peak_rss_bytes", 0) / MIB, ".0f") if "error" not in row[m] else "—"
+                  for m in modes]
         if fusionbench:
             cells += [_cell(row[m].get("merge_seconds"), ".1f") for m in ("memory", "fusionbench")]
         cells += [_cell(s["stream_over_plain_time"], ".2f"), _cell(s["stream_rss_over_bound"], ".2f")]
@@ -407,12 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per merge")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per method; each mode's fastest counts")
     parser.add_argument("--fusionbench", action="store_true",
-                        help=f"also run FusionBench {FUSIONBENCH_VERSION} (installed into {FUSIONBENCH_VENV} on first use)")
+                        help=f"also run FusionBench {FUSIONBENCH_VERSION} (installed into {FUSIONBENCH_VENV} "
+                             "on first use)")
     parser.add_argument("--fusionbench-venv", default=str(FUSIONBENCH_VENV), help=argparse.SUPPRESS)
     parser.add_argument("--max-rss-gib", type=float, default=12.0, help="stop a child whose RSS passes this")
     parser.add_argument("--workdir", help="where to write checkpoints (default: a temporary directory)")
     parser.add_argument("--json", default=str(DEFAULT_OUT), help=f"results file (default {DEFAULT_OUT})")
-    parser.add_argument("--child", choices=[*DISTAC_MODES, "fusionbench", "generate", "compare"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=[*DISTAC_MODES, "fusionbench", "generate", "compare"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--pretrained", help=argparse.SUPPRESS)
     parser.add_argument("--finetuned", nargs="+", help=argparse.SUPPRESS)

@@ -32,11 +32,12 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 # The SVD-based merges need a few singular triplets or only the orthogonal factor. Both follow exactly from
-# the eigendecomposition of the small Gram matrix (AAᵀ or AᵀA, min(m, n) wide), which costs a third to a
-# half of a full SVD. Squaring A squares its condition number, so the Gram matrix is formed and decomposed
-# in float64 (products of float32 numbers are exact there), and a matrix whose kept eigenvalues fall below
-# GRAM_MIN_RATIO × the largest (σ below 1e-5 σ_max, where float64 keeps float32 accuracy no longer) is
-# handed to the SVD instead.
+# the eigendecomposition of the small Gram matrix (AAᵀ or AᵀA, min(m, n) wide): about half the time of a
+# float32 SVD for a rectangular matrix, about the same for a square one, and far more accurate (see
+# benchmarks/results/merge_bench.md). Squaring A squares its condition number, so the Gram matrix is
+# formed and decomposed in float64 (products of float32 numbers are exact there), and a matrix whose kept
+# eigenvalues fall below GRAM_MIN_RATIO × the largest (σ below 1e-5 σ_max, where float64 no longer keeps
+# float32 accuracy) is handed to the SVD instead.
 GRAM_MIN_RATIO = 1e-10
 
 
