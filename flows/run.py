@@ -78,6 +78,7 @@ def run(params_path: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from distac.pipeline.process import stop_orphaned_prefect_servers
     from flows.pipeline import distac_pipeline
     from tasks.tracking import kill_open_runs
 
@@ -87,6 +88,7 @@ def run(params_path: str) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _stop_now)
         signal.signal(signal.SIGTERM, _stop_now)
+    stop_orphaned_prefect_servers(os.environ.get("PREFECT_HOME"))  # left listening by a SIGKILLed run
     started = time.perf_counter()
     try:
         result = distac_pipeline(params_path)

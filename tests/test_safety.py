@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import pytest
 import torch
 import yaml
@@ -244,3 +246,51 @@ def test_credentials_never_appear_in_a_redacted_uri():
     assert io.redact("http://user:pa55@host:5000/x") == "http://host:5000/x"
     assert io.redact("postgresql://u:p@db/mlflow") == "postgresql://db/mlflow"
     assert io.redact("s3://bucket/key") == "s3://bucket/key"
+
+
+# --------------------------------------------------------------------------------------------- killed runs
+
+
+def spawn_orphan(command: list[str], env: dict[str, str]) -> int:
+    """Start ``command`` in a grandchild whose parent exits at once, as a SIGKILLed runner leaves its
+    temporary Prefect server; returns the grandchild's pid."""
+    read_end, write_end = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        os.close(read_end)
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.write(write_end, str(child.pid).encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(middle, 0)
+    with os.fdopen(read_end) as handle:
+        return int(handle.read())
+
+
+def test_a_later_run_stops_the_prefect_server_a_killed_run_left_listening(tmp_path):
+    from distac.pipeline.process import orphaned_prefect_servers, stop_orphaned_prefect_servers
+
+    home = str(tmp_path / "prefect-home")
+    server = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+              "--host", "127.0.0.1", "--port", "0"]
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT__SERVER_EPHEMERAL": "1"}
+    orphan = spawn_orphan(server, env)
+    other_home = spawn_orphan(server, {**env, "PREFECT_HOME": str(tmp_path / "someone-else")})
+    own_child = subprocess.Popen(server, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):  # until the kernel has re-parented the orphans
+            if orphan in orphaned_prefect_servers(home):
+                break
+            time.sleep(0.05)
+        assert stop_orphaned_prefect_servers(home) == [orphan]
+        for _ in range(200):
+            if not os.path.exists(f"/proc/{orphan}") or "Z" in open(f"/proc/{orphan}/stat").read().split()[2]:
+                break
+            time.sleep(0.05)
+        assert own_child.poll() is None and os.path.exists(f"/proc/{other_home}")
+    finally:
+        own_child.kill()
+        own_child.wait()
+        for pid in (orphan, other_home):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -87,3 +87,52 @@ def remove_stale_tmp_dirs() -> list[str]:
     if removed:
         log.info("removed %d temporary directories left by killed runs", len(removed))
     return removed
+
+
+EPHEMERAL_SERVER_APP = "prefect.server.api.server:create_app"
+
+
+def _proc_fields(pid: int, name: str) -> list[str]:
+    """The NUL-separated fields of ``/proc/<pid>/<name>`` (cmdline, environ); empty if unreadable."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as handle:
+            return handle.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
+            return next((int(line.split()[1]) for line in handle if line.startswith("PPid:")), None)
+    except OSError:
+        return None
+
+
+def orphaned_prefect_servers(prefect_home: str | None) -> list[int]:
+    """Temporary Prefect API servers left by a killed run: processes serving Prefect's ephemeral app with
+    this ``PREFECT_HOME`` (None: the default, unset) whose parent died, so init adopted them. Linux only."""
+    found = []
+    for entry in glob.glob("/proc/[0-9]*"):
+        pid = int(os.path.basename(entry))
+        if pid == os.getpid() or EPHEMERAL_SERVER_APP not in _proc_fields(pid, "cmdline"):
+            continue
+        environment = dict(item.split("=", 1) for item in _proc_fields(pid, "environ") if "=" in item)
+        if (_parent_pid(pid) == 1 and environment.get("PREFECT__SERVER_EPHEMERAL") == "1"
+                and environment.get("PREFECT_HOME") == prefect_home):
+            found.append(pid)
+    return found
+
+
+def stop_orphaned_prefect_servers(prefect_home: str | None) -> list[int]:
+    """Stop the temporary Prefect servers a SIGKILLed run left listening (see ``orphaned_prefect_servers``)."""
+    stopped = []
+    for pid in orphaned_prefect_servers(prefect_home):
+        try:
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+        except OSError:
+            continue
+    if stopped:
+        log.info("stopped %d temporary Prefect servers left by killed runs", len(stopped))
+    return stopped
