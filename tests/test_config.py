@@ -10,21 +10,7 @@ import yaml
 
 from distac.pipeline.table import all_instances, fingerprint
 from distac.pipeline.params import ConfigError, load_params, parse_params
-
-MINIMAL = {"tasks": [{"name": "cola"}, {"name": "mrpc"}], "merge": {"methods": [{"name": "task_arithmetic"}]}}
-
-
-def with_changes(**sections) -> dict:
-    data = copy.deepcopy(MINIMAL)
-    data.update(sections)
-    return data
-
-
-def error_of(data) -> str:
-    with pytest.raises(ConfigError) as caught:
-        parse_params(data)
-    return str(caught.value)
-
+from helpers import MINIMAL_PARAMS as MINIMAL, params_error, params_with
 
 @pytest.mark.parametrize("path", ["params.yaml", "profiles/tiny.yaml", "benchmarks/paper/original.yaml"])
 def test_shipped_params_files_are_valid(path):
@@ -33,7 +19,7 @@ def test_shipped_params_files_are_valid(path):
 
 
 def test_defaults_and_recipe_overrides():
-    params = parse_params(with_changes(
+    params = parse_params(params_with(
         finetune={"lr": 1e-4, "steps": 10},
         tasks=[{"name": "cola"}, {"name": "mrpc", "finetune": {"lr": 1e-3, "label_smoothing": 0.2}}]))
     assert params.recipe("cola").lr == 1e-4 and params.recipe("cola").label_smoothing == 0.0
@@ -47,40 +33,40 @@ def test_defaults_and_recipe_overrides():
 
 
 @pytest.mark.parametrize("data, expected", [
-    (with_changes(model={"kind": "hf_text", "pooling": "max"}), "model.pooling"),
-    (with_changes(data={"max_train": 0}), "data.max_train"),
-    (with_changes(finetune={"learning_rate": 1e-3}), "finetune.learning_rate: Extra inputs are not permitted"),
-    (with_changes(tasks=[{"name": "cola"}, {"name": "mrpc", "finetune": {"lr": -1}}]), "tasks.1.finetune.lr"),
-    (with_changes(tasks=[{"name": "cola"}, {"name": "qqp"}]), "tasks.1: Value error, unknown task 'qqp'"),
-    (with_changes(tasks=[{"name": "cola"}]), "tasks: List should have at least 2 items"),
-    (with_changes(tasks=[{"name": "cola"}, {"name": "cola"}]), "task listed twice: cola"),
-    (with_changes(conditioning={"kappa": {"policy": "explicit"}}), "conditioning.kappa: Value error, policy "
+    (params_with(model={"kind": "hf_text", "pooling": "max"}), "model.pooling"),
+    (params_with(data={"max_train": 0}), "data.max_train"),
+    (params_with(finetune={"learning_rate": 1e-3}), "finetune.learning_rate: Extra inputs are not permitted"),
+    (params_with(tasks=[{"name": "cola"}, {"name": "mrpc", "finetune": {"lr": -1}}]), "tasks.1.finetune.lr"),
+    (params_with(tasks=[{"name": "cola"}, {"name": "qqp"}]), "tasks.1: Value error, unknown task 'qqp'"),
+    (params_with(tasks=[{"name": "cola"}]), "tasks: List should have at least 2 items"),
+    (params_with(tasks=[{"name": "cola"}, {"name": "cola"}]), "task listed twice: cola"),
+    (params_with(conditioning={"kappa": {"policy": "explicit"}}), "conditioning.kappa: Value error, policy "
                                                                    "'explicit' needs a value"),
-    (with_changes(conditioning={"kappa": {"policy": "min", "value": 2}}), "conditioning.kappa"),
-    (with_changes(conditioning={"tasks": ["rte"]}), "conditioning.tasks: rte not among tasks"),
-    (with_changes(conditioning={"student_temperature": 0}), "conditioning.student_temperature"),
-    (with_changes(merge={"methods": [{"name": "fisher"}]}), "merge.methods.0.name: Value error, unknown merge "
+    (params_with(conditioning={"kappa": {"policy": "min", "value": 2}}), "conditioning.kappa"),
+    (params_with(conditioning={"tasks": ["rte"]}), "conditioning.tasks: rte not among tasks"),
+    (params_with(conditioning={"student_temperature": 0}), "conditioning.student_temperature"),
+    (params_with(merge={"methods": [{"name": "fisher"}]}), "merge.methods.0.name: Value error, unknown merge "
                                                             "method 'fisher'"),
-    (with_changes(merge={"methods": [{"name": "ties", "hyperparams": {"topk": 0.2}}]}),
+    (params_with(merge={"methods": [{"name": "ties", "hyperparams": {"topk": 0.2}}]}),
      "merge.methods.0: Value error, ties has no hyperparameter topk"),
-    (with_changes(merge={"methods": [{"name": "emr", "alpha": 0.5}]}), "merge.methods.0: Value error, emr has no α"),
-    (with_changes(merge={"methods": [{"name": "ties", "alpha": "best"}]}), "merge.methods.0.alpha.constrained-float"),
-    (with_changes(merge={"methods": [{"name": "ties"}, {"name": "ties"}]}), "merge.methods: Value error, merge "
+    (params_with(merge={"methods": [{"name": "emr", "alpha": 0.5}]}), "merge.methods.0: Value error, emr has no α"),
+    (params_with(merge={"methods": [{"name": "ties", "alpha": "best"}]}), "merge.methods.0.alpha.constrained-float"),
+    (params_with(merge={"methods": [{"name": "ties"}, {"name": "ties"}]}), "merge.methods: Value error, merge "
                                                                             "method listed twice: ties"),
-    (with_changes(merge={"methods": [{"name": "ties"}], "alpha_grid": [0.5, -1]}), "merge.alpha_grid.1"),
-    (with_changes(storage={"root": "  "}), "storage.root"),
-    (with_changes(merge={"methods": [{"name": "ties"}], "variants": ["distac", "distac"]}), "merge.variants"),
-    (with_changes(merge={"methods": [{"name": "ties"}], "variants": ["merged"]}), "merge.variants.0"),
-    (with_changes(execution={"task_runner": "ray"}), "execution.task_runner"),
-    (with_changes(execution={"dask": {"n_workers": 0}}), "execution.dask.n_workers"),
-    (with_changes(diagnosis={"min_scaled_confidence": 0.9, "target_confidence": 0.8}), "diagnosis: Value error"),
+    (params_with(merge={"methods": [{"name": "ties"}], "alpha_grid": [0.5, -1]}), "merge.alpha_grid.1"),
+    (params_with(storage={"root": "  "}), "storage.root"),
+    (params_with(merge={"methods": [{"name": "ties"}], "variants": ["distac", "distac"]}), "merge.variants"),
+    (params_with(merge={"methods": [{"name": "ties"}], "variants": ["merged"]}), "merge.variants.0"),
+    (params_with(execution={"task_runner": "ray"}), "execution.task_runner"),
+    (params_with(execution={"dask": {"n_workers": 0}}), "execution.dask.n_workers"),
+    (params_with(diagnosis={"min_scaled_confidence": 0.9, "target_confidence": 0.8}), "diagnosis: Value error"),
 ])
 def test_errors_name_the_field_path(data, expected):
-    assert expected in error_of(data)
+    assert expected in params_error(data)
 
 
 def test_task_names_are_canonical_and_vision_tasks_allowed():
-    params = parse_params(with_changes(tasks=[{"name": "SST-2"}, {"name": "vision:MNIST"}],
+    params = parse_params(params_with(tasks=[{"name": "SST-2"}, {"name": "vision:MNIST"}],
                                        model={"kind": "open_clip", "name_or_path": "ViT-B-32",
                                               "options": {"pretrained": "/weights/vit-b-32.bin"}}))
     assert params.task_names == ["sst2", "vision:MNIST"]
@@ -89,8 +75,8 @@ def test_task_names_are_canonical_and_vision_tasks_allowed():
 
 
 def test_missing_sections_and_bad_files(tmp_path):
-    assert "merge: Field required" in error_of({"tasks": MINIMAL["tasks"]})
-    assert "expected a mapping" in error_of([1, 2])
+    assert "merge: Field required" in params_error({"tasks": MINIMAL["tasks"]})
+    assert "expected a mapping" in params_error([1, 2])
     with pytest.raises(ConfigError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
@@ -98,7 +84,7 @@ def test_missing_sections_and_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
     wrong = tmp_path / "wrong.yaml"
-    wrong.write_text(yaml.safe_dump(with_changes(data={"seed": "x"})))
+    wrong.write_text(yaml.safe_dump(params_with(data={"seed": "x"})))
     with pytest.raises(ConfigError, match=r"wrong.yaml is invalid:\n  data.seed"):
         load_params(wrong)
 
@@ -118,7 +104,7 @@ def _changed(before: dict, **sections) -> set[str]:
 
 
 def test_stage_fingerprints_change_exactly_downstream():
-    base = with_changes(merge={"methods": [{"name": "task_arithmetic", "alpha": "search"}, {"name": "emr"}]})
+    base = params_with(merge={"methods": [{"name": "task_arithmetic", "alpha": "search"}, {"name": "emr"}]})
     assert _changed(base) == set()
     distac_side = {"condition/cola", "condition/mrpc", "merge/task_arithmetic/distac", "merge/emr/distac",
                    "evaluate/task_arithmetic/distac", "evaluate/emr/distac", "report"}

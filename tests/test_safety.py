@@ -4,7 +4,6 @@ names from params never reach a shell or a path unescaped, and params are strict
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import signal
 import socket
@@ -12,30 +11,17 @@ import subprocess
 import sys
 import threading
 import time
+
 import pytest
 import torch
 import yaml
 
 from distac import io
 from distac.cli import main
-from distac.pipeline.params import ConfigError, load_params, parse_params
+from distac.pipeline.params import load_params, parse_params
 from distac.errors import OutputError
 from distac.merging.streaming import merge_checkpoints
-
-MINIMAL = {"tasks": [{"name": "cola"}, {"name": "mrpc"}], "merge": {"methods": [{"name": "task_arithmetic"}]}}
-
-
-def params_with(**sections) -> dict:
-    data = copy.deepcopy(MINIMAL)
-    data.update(sections)
-    return data
-
-
-def config_error(data) -> str:
-    with pytest.raises(ConfigError) as caught:
-        parse_params(data)
-    return str(caught.value)
-
+from helpers import params_error, params_with
 
 # --------------------------------------------------------------------------------------------- task names
 
@@ -43,7 +29,7 @@ def config_error(data) -> str:
 @pytest.mark.parametrize("name", ["imagefolder:x;touch MARKER;", "imagefolder:../../outside", "vision:../x",
                                   "a b", "$(touch MARKER)", "../up", "x/y", "cola;ls", "Reviews", ""])
 def test_task_names_that_could_reach_a_shell_or_a_path_are_refused(name):
-    message = config_error(params_with(tasks=[{"name": "cola"}, {"name": name}]))
+    message = params_error(params_with(tasks=[{"name": "cola"}, {"name": name}]))
     assert "tasks.1.name" in message
 
 
@@ -66,7 +52,7 @@ def test_task_names_that_are_safe_are_accepted(name, canonical):
     ({"mlflow": {"tracking_uri": "ftp://host/store"}}, "mlflow.tracking_uri"),
 ])
 def test_params_are_strictly_typed_and_finite(sections, field):
-    assert field in config_error(params_with(**sections))
+    assert field in params_error(params_with(**sections))
 
 
 def test_an_integer_is_a_float_and_yaml_exponents_without_a_dot_are_floats(tmp_path):

@@ -16,6 +16,7 @@ from distac.errors import CheckpointError, ConfigError, MismatchError, NonFinite
 from distac.merging import METHODS, merge
 from distac.merging.streaming import load_merged, materialize, merge_checkpoints
 from distac.vectors import TaskVector
+from helpers import CountingReader
 
 SETTINGS = {"wudi": {"steps": 5}, "ties": {"k": 0.3}, "consensus": {"min_agree": 2}, "iso_cts": {}}
 NUM_TASKS = 3
@@ -296,31 +297,6 @@ def test_streaming_merge_from_and_to_s3(s3_bucket, tmp_path):
 def test_streaming_reads_each_pretrained_tensor_once_per_pass(name, passes, safetensors_inputs, tmp_path):
     """θ_pre is cached per key across the T tasks; TIES needs two extra passes for its exact global threshold;
     the served model (not written for EMR) reads θ_pre once more."""
-    from collections.abc import Mapping
-
-    class CountingReader(Mapping):
-        def __init__(self, reader):
-            self.reader, self.reads = reader, []
-
-        def __getitem__(self, key):
-            self.reads.append(key)
-            return self.reader[key]
-
-        def __iter__(self):
-            return iter(self.reader)
-
-        def __len__(self):
-            return len(self.reader)
-
-        def __contains__(self, key):  # Mapping's default would read the tensor
-            return key in self.reader
-
-        def shape(self, key):
-            return self.reader.shape(key)
-
-        def dtype(self, key):
-            return self.reader.dtype(key)
-
     pre, pre_uri = safetensors_inputs
     finetuned = []
     for task in range(3):

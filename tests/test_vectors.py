@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 from distac import io
 from distac.errors import MismatchError, NonFiniteError
 from distac.vectors import LastKeyCache, LazyTaskVector, TaskVector, all_finite, select_keys
+from helpers import CountingReader
 
 
 @pytest.fixture
@@ -146,32 +146,6 @@ def test_linear_algebra_invariants(xs, ys, scale):
     assert (u + v).norm() <= u.norm() + v.norm() + 1e-9
     assert -1 - 1e-9 <= u.cosine(v) <= 1 + 1e-9
     assert torch.allclose((u + v - v)["w"], u["w"])
-
-
-class CountingReader(Mapping):
-    """A real checkpoint reader that counts the tensors read through it."""
-
-    def __init__(self, reader):
-        self.reader, self.reads = reader, []
-
-    def __getitem__(self, key):
-        self.reads.append(key)
-        return self.reader[key]
-
-    def __iter__(self):
-        return iter(self.reader)
-
-    def __len__(self):
-        return len(self.reader)
-
-    def __contains__(self, key):  # Mapping's default would read the tensor
-        return key in self.reader
-
-    def shape(self, key):
-        return self.reader.shape(key)
-
-    def dtype(self, key):
-        return self.reader.dtype(key)
 
 
 def test_tasks_sharing_a_last_key_cache_read_each_pretrained_tensor_once(tmp_path, pretrained, finetuned):

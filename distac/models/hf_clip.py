@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distac.data.examples import ImageExample
 from distac.errors import CheckpointError, ConfigError, DistacError
 from distac.models.base import ModelAdapter
 from distac.models.hf_seqcls import local_files_only, quiet_transformers
-from distac.models.vision import DEFAULT_TEMPLATES, VisionTaskModel, ZeroShotHead
+from distac.models.vision import DEFAULT_TEMPLATES, VisionTaskModel, ZeroShotHead, zero_shot_head
 
 BACKBONE_PREFIXES = ("vision_model.", "visual_projection.")
 
@@ -81,14 +80,12 @@ class HFCLIPAdapter(ModelAdapter):
 
     @torch.no_grad()
     def zero_shot_head(self, class_names: Sequence[str]) -> ZeroShotHead:
-        """Row c: the mean normalized text embedding of class c over the templates, renormalized."""
-        rows = []
-        for name in class_names:
-            tokens = self.tokenizer([t.format(name) for t in self.templates], padding=True, return_tensors="pt")
-            output = self.clip.get_text_features(**tokens)
-            embeddings = output.pooler_output if hasattr(output, "pooler_output") else output
-            rows.append(F.normalize(F.normalize(embeddings.float(), dim=-1).mean(dim=0), dim=-1))
-        return ZeroShotHead(torch.stack(rows), self.clip.logit_scale.exp())
+        """The zero-shot head of ``class_names`` from ``CLIPModel``'s text tower."""
+        def embed_texts(texts: list[str]) -> torch.Tensor:
+            output = self.clip.get_text_features(**self.tokenizer(texts, padding=True, return_tensors="pt"))
+            return output.pooler_output if hasattr(output, "pooler_output") else output
+
+        return zero_shot_head(class_names, self.templates, embed_texts, self.clip.logit_scale.exp())
 
     def build(self, num_classes: int, class_names: Sequence[str] | None = None, seed: int = 0) -> VisionTaskModel:
         if not class_names or len(class_names) != num_classes:

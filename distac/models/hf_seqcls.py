@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from distac.data.examples import TextExample
-from distac.errors import CheckpointError, ConfigError, DistacError
+from distac.errors import CheckpointError, ConfigError
 from distac.models.base import ModelAdapter, TaskModel
-from distac.models.text import resolve_model_path
+from distac.models.text import resolve_model_path, tokenize_batch
 
 logger = logging.getLogger(__name__)
 
@@ -223,16 +223,7 @@ class HFSequenceClassificationAdapter(ModelAdapter):
         return model
 
     def collate(self, examples: Sequence[TextExample]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise DistacError("cannot collate an empty batch")
-        pairs = [example.text_b is not None for example in examples]
-        if any(pairs) and not all(pairs):
-            raise DistacError("a batch mixes single sentences and sentence pairs")
-        text_a = [example.text_a for example in examples]
-        text_b = [example.text_b for example in examples] if all(pairs) else None
-        limit = {"max_length": self.max_length} if self.max_length else {}
-        encoded = self.tokenizer(text_a, text_b, padding="longest", truncation=True, return_tensors="pt", **limit)
-        return {name: tensor for name, tensor in encoded.items() if name in self._input_names}
+        return tokenize_batch(self.tokenizer, examples, self._input_names, self.max_length)
 
 
 def load_sequence_classifier(path: str, adapter: HFSequenceClassificationAdapter) -> SequenceClassifierModel:

@@ -59,6 +59,23 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+
+def tokenize_batch(tokenizer: Any, examples: Sequence[TextExample], input_names: set[str],
+                   max_length: int | None) -> dict[str, torch.Tensor]:
+    """A batch of single sentences or sentence pairs, padded to its longest sequence and truncated to
+    ``max_length`` (None: the tokenizer's own limit). Only the tensors the backbone's ``forward`` accepts
+    (``input_names``) are returned: decoders take no token_type_ids."""
+    if not examples:
+        raise DistacError("cannot collate an empty batch")
+    pairs = [example.text_b is not None for example in examples]
+    if any(pairs) and not all(pairs):
+        raise DistacError("a batch mixes single sentences and sentence pairs")
+    text_a = [example.text_a for example in examples]
+    text_b = [example.text_b for example in examples] if all(pairs) else None
+    limit = {"max_length": max_length} if max_length else {}
+    encoded = tokenizer(text_a, text_b, padding="longest", truncation=True, return_tensors="pt", **limit)
+    return {name: tensor for name, tensor in encoded.items() if name in input_names}
+
 class TextTaskModel(TaskModel):
     """A text backbone whose pooled hidden states feed the task head."""
 
@@ -144,20 +161,8 @@ class HFTextAdapter(ModelAdapter):
         return TextTaskModel(backbone, head, self.pooling).eval()
 
     def collate(self, examples: Sequence[TextExample]) -> dict[str, torch.Tensor]:
-        """Tokenize a batch, padded to its longest sequence (at most ``max_length`` tokens).
-
-        Only the tensors the backbone's ``forward`` accepts are returned (decoders take no token_type_ids).
-        """
-        if not examples:
-            raise DistacError("cannot collate an empty batch")
-        pairs = [example.text_b is not None for example in examples]
-        if any(pairs) and not all(pairs):
-            raise DistacError("a batch mixes single sentences and sentence pairs")
-        text_a = [example.text_a for example in examples]
-        text_b = [example.text_b for example in examples] if all(pairs) else None
-        encoded = self.tokenizer(text_a, text_b, padding="longest", truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
-        return {name: tensor for name, tensor in encoded.items() if name in self._input_names}
+        """Tokenize a batch, padded to its longest sequence (at most ``max_length`` tokens)."""
+        return tokenize_batch(self.tokenizer, examples, self._input_names, self.max_length)
 
 
 def create_random_encoder(path: str | os.PathLike, hidden: int = 32, layers: int = 2, heads: int = 2,

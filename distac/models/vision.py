@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,17 @@ TINY_CLIP_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+
+
+def zero_shot_head(class_names: Sequence[str], templates: Sequence[str],
+                   embed_texts: Callable[[list[str]], torch.Tensor], logit_scale: torch.Tensor) -> "ZeroShotHead":
+    """The head whose row c is the mean normalized text embedding of class c over the templates, renormalized
+    (the task-vector literature's zero-shot classifier); ``embed_texts`` is the model's text tower."""
+    rows = []
+    for name in class_names:
+        embeddings = F.normalize(embed_texts([template.format(name) for template in templates]).float(), dim=-1)
+        rows.append(F.normalize(embeddings.mean(dim=0), dim=-1))
+    return ZeroShotHead(torch.stack(rows), logit_scale)
 
 
 class ZeroShotHead(nn.Module):
@@ -126,13 +137,9 @@ class OpenCLIPAdapter(ModelAdapter):
 
     @torch.no_grad()
     def zero_shot_head(self, class_names: Sequence[str]) -> ZeroShotHead:
-        """The head whose row c is the mean normalized text embedding of class c over the templates."""
-        rows = []
-        for name in class_names:
-            tokens = self.tokenizer([template.format(name) for template in self.templates])
-            embeddings = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
-            rows.append(F.normalize(embeddings.mean(dim=0), dim=-1))
-        return ZeroShotHead(torch.stack(rows), self.clip.logit_scale.exp())
+        """The zero-shot head of ``class_names`` from open_clip's text tower."""
+        return zero_shot_head(class_names, self.templates, lambda texts: self.clip.encode_text(self.tokenizer(texts)),
+                              self.clip.logit_scale.exp())
 
     def build(self, num_classes: int, class_names: Sequence[str] | None = None, seed: int = 0) -> VisionTaskModel:
         if not class_names or len(class_names) != num_classes:
