@@ -86,3 +86,30 @@ def test_changing_unlabeled_data_reruns_distac_but_not_the_fine_tuning(hf_models
     for stage, changed in (("finetune", False), ("extract", False), ("condition", True)):
         prints = [fingerprint(p, ref(p, stage, task="polarity")) for p in (before, after)]
         assert (prints[0] != prints[1]) is changed, stage
+
+
+def test_dvc_repro_on_imported_checkpoints_and_csv_data(hf_models, make_tiny_params, tmp_path):  # noqa: F811
+    """The same users' params through ``dvc repro``: imported models, a surrogate-data DisTaC, the report
+    with transformers' own accuracy, and a clean ``dvc status`` afterwards."""
+    import shutil
+    import subprocess
+
+    from test_dvc_pipeline import ROOT, dvc, stages_run
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(ROOT / "distac", repo / "distac", ignore=shutil.ignore_patterns("__pycache__"))
+    model = {"kind": "hf_seqcls", "name_or_path": hf_models["pre"], "max_length": 32}
+    merge = {"alpha_grid": [0.5, 1.0], "methods": [{"name": "task_arithmetic", "alpha": 0.5}]}
+    make_tiny_params(repo, model=model, tasks=user_tasks(hf_models), merge=merge, storage={"root": "runs"},
+                     conditioning={"tasks": ["reviews", "polarity"]}, data={"max_train": None, "max_eval": None})
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc(repo, "init", "-q")
+    ran = stages_run(dvc(repo, "repro"))
+    assert {"finetune@0", "finetune@1", "condition@0", "condition@1", "merge-distac@0", "report"} <= ran
+    assert "up to date" in dvc(repo, "status")
+    rows = list(csv.DictReader((repo / "runs" / "report" / "results.csv").open()))
+    for task in ("reviews", "polarity"):
+        expected = transformers_accuracy(hf_models[task], hf_models[f"{task}_test"])
+        assert float(rows[0][f"{task}_abs"]) == pytest.approx(100 * expected, abs=1e-4)
