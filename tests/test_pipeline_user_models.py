@@ -113,3 +113,33 @@ def test_dvc_repro_on_imported_checkpoints_and_csv_data(hf_models, make_tiny_par
     for task in ("reviews", "polarity"):
         expected = transformers_accuracy(hf_models[task], hf_models[f"{task}_test"])
         assert float(rows[0][f"{task}_abs"]) == pytest.approx(100 * expected, abs=1e-4)
+
+
+def test_editing_a_users_data_file_or_model_reruns_what_read_it(hf_models, make_tiny_params,  # noqa: F811
+                                                                 tmp_path):
+    """Params name a task's files by path; the fingerprints follow their content."""
+    import os
+    import shutil
+
+    from distac.pipeline import ref
+    from distac.pipeline.table import fingerprint
+
+    data = tmp_path / "reviews_train.csv"
+    shutil.copy(hf_models["reviews_train"], data)
+    tasks = user_tasks(hf_models)
+    tasks[0]["data"]["train"] = str(data)
+    path = make_tiny_params(tmp_path, model={"kind": "hf_seqcls", "name_or_path": hf_models["pre"]}, tasks=tasks)
+
+    def prints() -> dict[str, str]:
+        params = load_params(path)
+        return {f"{stage}/{task}": fingerprint(params, ref(params, stage, task=task))
+                for stage in ("finetune", "condition") for task in ("reviews", "polarity")}
+
+    before = prints()
+    os.utime(data, ns=(1, 1))  # touched, same content: nothing re-runs
+    assert prints() == before
+    data.write_text(data.read_text().replace("pos", "neg", 1))
+    after = prints()
+    assert after["finetune/reviews"] != before["finetune/reviews"]
+    assert after["condition/reviews"] != before["condition/reviews"]
+    assert after["finetune/polarity"] == before["finetune/polarity"]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import distac
 from distac.errors import ConfigError
+from distac.pipeline.inputs import input_identities
 from distac.pipeline.params import VARIANTS, PipelineParams
 
 if TYPE_CHECKING:  # the stage functions import the whole library; the table only names them
@@ -261,16 +262,20 @@ def code_hash(name: str) -> str:
 
 
 def fingerprint(params: PipelineParams, made: StageRef) -> str:
-    """A hash of everything the instance's outputs depend on: its params, its upstream fingerprints and
-    its code."""
+    """A hash of everything the instance's outputs depend on: its params, its upstream fingerprints, its
+    code and the content of the user's files its params name (``distac.pipeline.inputs``)."""
     return _fingerprint(params, made, {})
 
 
 def _fingerprint(params: PipelineParams, made: StageRef, memo: dict[StageRef, str]) -> str:
     if made not in memo:
         upstream = {u.key: _fingerprint(params, u, memo) for u in upstream_of(params, made)}
-        text = json.dumps({"stage": made.key, "params": param_values(params, made), "upstream": upstream,
-                           "code": code_hash(made.stage)}, sort_keys=True, separators=(",", ":"))
+        values = param_values(params, made)
+        parts = {"stage": made.key, "params": values, "upstream": upstream, "code": code_hash(made.stage)}
+        inputs = input_identities({key: value for key, value in values.items() if key.startswith("tasks.")})
+        if inputs:  # users' data files and imported models: their content, not only their paths
+            parts["inputs"] = inputs
+        text = json.dumps(parts, sort_keys=True, separators=(",", ":"))
         memo[made] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return memo[made]
 
