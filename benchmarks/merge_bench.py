@@ -323,19 +323,19 @@ def measure_method(method: str, modes: list[str], inputs: dict, workdir: Path, a
         shift = (rotation + round_index) % len(modes)
         for mode in modes[shift:] + modes[:shift]:
             run_dir = workdir / f"{method}-{mode}-{round_index}"
-            runs[mode].append({**measure(mode, method, inputs, run_dir, args, pythons[mode]), "dir": str(run_dir)})
+            runs[mode].append({**measure(mode, method, inputs, run_dir, args, pythons[mode]), "dir": run_dir.name})
     row: dict = {"method": method, "hyperparameters": hyperparameters(method, args.wudi_steps)}
     for mode, results in runs.items():
         ok = [r for r in results if "error" not in r]
         row[mode] = min(ok, key=lambda r: r["seconds"]) if ok else results[-1]
         row[mode]["rounds_seconds"] = [r.get("seconds") for r in results]
-    reference = vector_path("memory", Path(row["memory"]["dir"]))
+    reference = vector_path("memory", workdir / row["memory"]["dir"])
     row["difference"] = {}
     for mode in modes:
         if mode == "memory" or "error" in row[mode] or (mode == "fusionbench" and method == "consensus"):
             continue
         row["difference"][mode] = in_child(["--child", "compare", "--finetuned",
-                                            str(vector_path(mode, Path(row[mode]["dir"]))), str(reference)])
+                                            str(vector_path(mode, workdir / row[mode]["dir"])), str(reference)])
     return row
 
 
