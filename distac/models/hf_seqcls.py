@@ -29,7 +29,7 @@ from torch import nn
 from distac.data.examples import TextExample
 from distac.errors import CheckpointError, ConfigError
 from distac.models.base import ModelAdapter, TaskModel
-from distac.models.text import resolve_model_path, tokenize_batch
+from distac.models.text import resolve_model_path, set_padding, tokenize_batch
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +187,7 @@ class HFSequenceClassificationAdapter(ModelAdapter):
                 full = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=local_files_only(path))
             except (OSError, ValueError, KeyError) as exc:
                 raise CheckpointError(f"cannot load {path} as a sequence-classification model: {exc}") from None
-        if tokenizer.pad_token is None:  # decoder LMs ship without one
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"
-        if getattr(full.config, "pad_token_id", None) is None:
-            full.config.pad_token_id = tokenizer.pad_token_id
+        set_padding(tokenizer, full.config)
         return full.eval(), tokenizer
 
     @property

@@ -59,6 +59,14 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+def set_padding(tokenizer: Any, config: Any) -> None:
+    """Right padding with a pad token the model knows: decoder LMs ship without one, so use their EOS."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+
 
 def tokenize_batch(tokenizer: Any, examples: Sequence[TextExample], input_names: set[str],
                    max_length: int | None) -> dict[str, torch.Tensor]:
@@ -136,11 +144,7 @@ class HFTextAdapter(ModelAdapter):
                 backbone, head = full.base_model, full.score
         except (OSError, ValueError) as exc:
             raise DistacError(f"cannot load text model {self.name_or_path!r} from {path}: {exc}") from None
-        if tokenizer.pad_token is None:  # decoder LMs ship without one
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"
-        if getattr(backbone.config, "pad_token_id", None) is None:
-            backbone.config.pad_token_id = tokenizer.pad_token_id
+        set_padding(tokenizer, backbone.config)
         return backbone.eval(), head, tokenizer
 
     def spec(self) -> dict[str, Any]:
