@@ -50,11 +50,12 @@ def mask_dir(task_index: int) -> str:
 
 
 @contextlib.contextmanager
-def staged_directory(out_uri: str, overwrite: bool = False) -> Iterator[str]:
+def staged_directory(out_uri: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> Iterator[str]:
     """A local directory to build OUT in; moved (or uploaded, merge.json last) to OUT only on success.
 
-    OUT may hold an earlier merge (it is replaced); anything else is refused unless ``overwrite``."""
-    guard_output(out_uri, kind="merge", overwrite=overwrite)
+    OUT must not be or contain one of ``inputs``; it may hold an earlier merge (it is replaced), anything else
+    only with ``overwrite``."""
+    guard_output(out_uri, kind="merge", inputs=inputs, overwrite=overwrite)
     local = io.is_local(out_uri)
     final = io.url_to_fs(out_uri)[1] if local else None
     parent = os.path.dirname(os.path.abspath(final)) if final else None
@@ -133,7 +134,6 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
     Inputs may also be lazy mappings (``distac.models.resolve.backbone_checkpoint`` views of any model form).
     Returns the record written to OUT/merge.json.
     """
-    guard_output(str(out_uri), kind="merge", inputs=[pretrained_uri, *finetuned_uris], overwrite=overwrite)
     method = get_method(method) if isinstance(method, str) else method
     if not finetuned_uris:
         raise ConfigError("merging needs at least one fine-tuned checkpoint")
@@ -149,7 +149,8 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
 
     # EMR writes T + 1 outputs side by side: they share one shard's budget, so memory does not grow with T
     shard_bytes = max(1, max_shard_bytes // (num_tasks + 1)) if method.per_task else max_shard_bytes
-    with staged_directory(out_uri, overwrite) as staging:
+    sources = [str(source) for source in (pretrained_uri, *finetuned_uris)]  # a view's str() is its file
+    with staged_directory(out_uri, overwrite, inputs=sources) as staging:
         with contextlib.ExitStack() as writers:
             vector_writer = writers.enter_context(
                 io.ShardedSafetensorsWriter(os.path.join(staging, VECTOR_DIR), shard_bytes))
