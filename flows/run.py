@@ -5,6 +5,8 @@ Shows each stage starting and finishing, per-step progress of the long ones (fin
 evaluation), then the results table, what ran and what was skipped, and the command that opens the MLflow
 UI. Ctrl-C (or SIGTERM) stops within seconds: stage children are killed, open MLflow runs marked KILLED,
 Prefect's temporary server stopped and the storage lock released; finished stages stay finished.
+When every stage is already up to date it prints the table and exits without starting a flow (a scheduled
+deployment still runs the flow, which skips every stage).
 """
 
 from __future__ import annotations
@@ -79,6 +81,20 @@ def run(params_path: str) -> int:
         return 2
 
     from distac.pipeline.process import stop_orphaned_prefect_servers
+    from distac.pipeline.runner import finished_report
+
+    stop_orphaned_prefect_servers(os.environ.get("PREFECT_HOME"))  # left listening by a SIGKILLed run
+    try:
+        report = finished_report(params)
+    except DistacError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if report is not None:  # nothing to run: no flow, no temporary server, no MLflow run
+        print(report["table"])
+        print(f"every stage is up to date with {params_path}: nothing to run (no flow run started)")
+        print(f"outputs: {params.storage.root}/report/")
+        return 0
+
     from flows.pipeline import distac_pipeline
     from tasks.tracking import kill_open_runs
 
@@ -88,7 +104,6 @@ def run(params_path: str) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _stop_now)
         signal.signal(signal.SIGTERM, _stop_now)
-    stop_orphaned_prefect_servers(os.environ.get("PREFECT_HOME"))  # left listening by a SIGKILLed run
     started = time.perf_counter()
     try:
         result = distac_pipeline(params_path)

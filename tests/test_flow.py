@@ -111,6 +111,21 @@ def test_second_run_with_nothing_changed_skips_every_stage(first_run):
                               f"tags.mlflow.parentRunId = '{parent.info.run_id}'") == []
 
 
+def test_distac_run_with_nothing_changed_answers_without_a_flow_run(first_run, capsys):
+    from flows.run import run
+
+    path, params, result = first_run
+    client = MlflowClient(tracking_uri=result["tracking_uri"])
+    experiment = client.get_run(result["mlflow_run_id"]).info.experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    before = manifests(params.storage.root)
+    assert run(path) == 0
+    printed = capsys.readouterr().out
+    assert result["report"]["table"] in printed and "nothing to run" in printed
+    assert len(client.search_runs([experiment])) == runs_before
+    assert manifests(params.storage.root) == before
+
+
 def test_interrupted_run_resumes_without_redoing_finished_stages(first_run, make_tiny_params, tmp_path):
     _, params, _ = first_run
     root = tmp_path / "storage"

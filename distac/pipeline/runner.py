@@ -80,6 +80,15 @@ def is_done(params: PipelineParams, made: StageRef, plan: Plan | None = None) ->
     return manifest is not None and manifest.get("fingerprint") == plan.fingerprints[made]
 
 
+def finished_report(params: PipelineParams) -> dict[str, Any] | None:
+    """The report's summary when every instance is up to date, so a run would only skip stages; else None.
+    Lets ``distac run`` answer a no-change re-run without starting a flow."""
+    plan = Plan.of(params)
+    if not all(is_done(params, made, plan) for made in plan):
+        return None
+    return RunStore.of(params).manifest(StageRef("report")).get("summary")
+
+
 def check_upstream(params: PipelineParams, made: StageRef, plan: Plan, store: RunStore) -> dict[str, str]:
     """The upstream instances' fingerprints; UpstreamError naming the first one missing or stale."""
     found = {}
