@@ -87,6 +87,20 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == labels.to(logits.device)).float().mean())
 
 
+def matthews_correlation(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Matthews correlation of the argmax predictions (GLUE's CoLA metric; the multiclass form R_K for more
+    than two classes). 0 when every prediction or every label is one class, as scikit-learn returns."""
+    predicted = logits.argmax(dim=1).cpu()
+    labels = labels.cpu()
+    classes = int(max(logits.shape[1], int(labels.max()) + 1))
+    n, correct = labels.numel(), int((predicted == labels).sum())
+    p = torch.bincount(predicted, minlength=classes).double()
+    t = torch.bincount(labels, minlength=classes).double()
+    numerator = correct * n - float(p @ t)
+    denominator = ((n * n - float(p @ p)) * (n * n - float(t @ t))) ** 0.5
+    return numerator / denominator if denominator > 0 else 0.0
+
+
 def normalized_accuracy(merged_acc: float, finetuned_acc: float) -> float:
     """Merged accuracy / the original fine-tuned source model's accuracy on the same task and split."""
     if not finetuned_acc > 0:
@@ -105,6 +119,7 @@ class TaskEvaluation:
     mean_entropy: float
     ece: float
     normalized_accuracy: float | None = None
+    mcc: float | None = None  # Matthews correlation (reported for CoLA, as GLUE does)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,7 +132,8 @@ def evaluate_logits(task: str, logits: torch.Tensor, labels: torch.Tensor,
     return TaskEvaluation(
         task=task, accuracy=acc, num_examples=int(labels.numel()), mean_max_prob=stats.mean_max_prob,
         mean_entropy=stats.mean_entropy, ece=expected_calibration_error(torch.softmax(logits.double(), 1), labels),
-        normalized_accuracy=None if finetuned_accuracy is None else normalized_accuracy(acc, finetuned_accuracy))
+        normalized_accuracy=None if finetuned_accuracy is None else normalized_accuracy(acc, finetuned_accuracy),
+        mcc=matthews_correlation(logits, labels))
 
 
 def evaluate_task(model: TaskModel, examples: Sequence[Any], collate: Collate, *, task: str = "",

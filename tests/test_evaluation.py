@@ -7,7 +7,7 @@ import torch
 
 from distac.errors import ConfigError
 from distac.evaluation import (MergedEvaluation, TaskEvaluation, accuracy, evaluate_merged,
-                               evaluate_task, has_alpha, normalized_accuracy, per_task_table_markdown,
+                               evaluate_task, has_alpha, matthews_correlation, normalized_accuracy, per_task_table_markdown,
                                predict_logits, results_table_markdown, at_alpha, search_alpha)
 from distac.merging import METHODS, merge
 from distac.vectors import TaskVector
@@ -37,6 +37,19 @@ def test_accuracy_and_normalized_accuracy_exact():
         normalized_accuracy(0.5, 0.0)
     with pytest.raises(ConfigError, match="labels"):
         accuracy(logits, torch.tensor([0, 1]))
+
+
+def test_matthews_correlation_exact_binary_multiclass_and_degenerate():
+    def one_hot(predictions: list[int], classes: int) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.tensor(predictions), classes).float()
+
+    # binary: tp 2, tn 1, fp 1, fn 1 -> (2*1 - 1*1) / sqrt(3*3*2*2) = 1/6
+    assert matthews_correlation(one_hot([1, 1, 0, 1, 0], 2), torch.tensor([1, 1, 0, 0, 1])) == pytest.approx(1 / 6)
+    labels = torch.tensor([0, 1, 2, 2, 1, 0, 2])
+    assert matthews_correlation(one_hot(labels.tolist(), 3), labels) == pytest.approx(1.0)
+    assert matthews_correlation(one_hot([1, 1, 1, 1], 2), torch.tensor([0, 1, 0, 1])) == 0.0  # one class predicted
+    # multiclass R_K, by hand: n 6, correct 3, p = (2, 2, 2), t = (2, 2, 2): (3*6 - 12) / (36 - 12) = 0.25
+    assert matthews_correlation(one_hot([0, 1, 2, 1, 2, 0], 3), torch.tensor([0, 1, 2, 0, 1, 2])) == pytest.approx(0.25)
 
 
 def test_evaluate_task_matches_manual_prediction(sources):
