@@ -37,7 +37,8 @@ def _diagnostics(params) -> dict[str, dict[str, Any]]:
         out[task] = {"norm": norms[task], "norm_ratio": norms[task] / smallest, "recipe_changes": changed,
                      "mean_max_prob": metrics["validation_mean_max_prob"],
                      "validation_accuracy": metrics["validation_accuracy"],
-                     "test_accuracy": metrics["test_accuracy"], "majority_accuracy": majority}
+                     "test_accuracy": metrics["test_accuracy"], "test_mcc": metrics.get("test_mcc"),
+                     "majority_accuracy": majority}
     return out
 
 
@@ -55,6 +56,17 @@ def _conditioning(params) -> dict[str, Any]:
     return out
 
 
+def _mcc(params) -> dict[str, dict[str, float]]:
+    """'<method>/<variant>' → task → test Matthews correlation of the merged model."""
+    store = RunStore.of(params)
+    out = {}
+    for method in params.method_names:
+        for variant in params.merge.variants:
+            tasks = store.evaluation(method, variant)["tasks"]
+            out[f"{method}/{variant}"] = {t: tasks[t].get("mcc") for t in params.task_names}
+    return out
+
+
 def collect_runs(plan: dict[str, Any]) -> dict[str, Any]:
     """Every finished (seed, setting): its diagnostics, results rows and conditioning summaries."""
     from benchmarks.paper_repro import loaded_params
@@ -69,7 +81,7 @@ def collect_runs(plan: dict[str, Any]) -> dict[str, Any]:
                 continue
             runs.setdefault(str(seed), {})[setting] = {
                 "storage": params.storage.root, "diagnostics": _diagnostics(params),
-                "rows": results_rows(params), "conditioning": _conditioning(params)}
+                "rows": results_rows(params), "conditioning": _conditioning(params), "mcc": _mcc(params)}
     return runs
 
 
@@ -108,9 +120,57 @@ def headline_markdown(plan: dict[str, Any], table: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def goal_markdown(plan: dict[str, Any], runs: dict[str, Any]) -> str:
+    """Per method and broken setting: DisTaC's mean normalized accuracy minus the original setting's, per seed,
+    and which task carries the remaining loss (the issue's goal: within 2 points on every seed)."""
+    broken = [s for s, spec in plan["settings"].items() if spec["conditioning_tasks"]]
+    lines = ["| Method | " + " | ".join(f"{s.replace('_', ' ')}: as-is − original | DisTaC − original | largest "
+                                         "per-task loss after DisTaC" for s in broken) + " |",
+             "|---|" + "---|---|---|" * len(broken)]
+    tasks = [t["name"] for t in plan["base_params"]["tasks"]]
+    for method in [m["name"] for m in plan["base_params"]["merge"]["methods"]]:
+        cells = []
+        for setting in broken:
+            as_is, distac, worst = [], [], []
+            for seed, settings in runs.items():
+                rows = {(r["method"], r["variant"]): r for r in settings.get(setting, {}).get("rows", [])}
+                base = {(r["method"], r["variant"]): r for r in settings.get("original", {}).get("rows", [])}
+                if (method, "distac") not in rows or (method, "as-is") not in base:
+                    continue
+                reference = base[(method, "as-is")]
+                as_is.append(rows[(method, "as-is")]["mean_norm"] - reference["mean_norm"])
+                distac.append(rows[(method, "distac")]["mean_norm"] - reference["mean_norm"])
+                losses = {t: rows[(method, "distac")][f"{t}_norm"] - reference[f"{t}_norm"] for t in tasks}
+                task = min(losses, key=losses.get)
+                worst.append(f"{task} {losses[task]:+.1f}")
+            fmt = " / ".join
+            cells += [fmt(f"{v:+.1f}" for v in as_is) or "–", fmt(f"{v:+.1f}" for v in distac) or "–",
+                      "; ".join(worst) or "–"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nNormalized points, per seed ({' / '.join(runs)}).\n"
+
+
+def mcc_markdown(plan: dict[str, Any], runs: dict[str, Any], task: str = "cola") -> str:
+    """The task's test Matthews correlation per method, setting and variant, per seed."""
+    columns = [(s, v) for s, spec in plan["settings"].items() for v in (["as-is", "distac"] if spec["conditioning_tasks"]
+                                                                        else ["as-is"])]
+    lines = ["| Method | fine-tuned | " + " | ".join(f"{s.replace('_', ' ')}, {v}" for s, v in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    source = " / ".join(f"{settings['original']['diagnostics'][task]['test_mcc']:.3f}" for settings in runs.values()
+                        if "original" in settings and settings["original"]["diagnostics"][task].get("test_mcc") is not None)
+    for method in [m["name"] for m in plan["base_params"]["merge"]["methods"]]:
+        cells = []
+        for setting, variant in columns:
+            values = [settings[setting]["mcc"].get(f"{method}/{variant}", {}).get(task) for settings in runs.values()
+                      if setting in settings and "mcc" in settings[setting]]
+            cells.append(" / ".join(f"{v:.3f}" for v in values if v is not None) or "–")
+        lines.append(f"| {method} | {source or '–'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nPer seed ({' / '.join(runs)}); fine-tuned: the original setting's source model.\n"
+
+
 def diagnostics_markdown(plan: dict[str, Any], runs: dict[str, Any]) -> str:
-    lines = ["| Setting | Task | Recipe change | ‖τ‖ | ‖τ‖ / smallest | mean max-prob | fine-tuned acc. | majority class |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| Setting | Task | Recipe change | ‖τ‖ | ‖τ‖ / smallest | mean max-prob | fine-tuned acc. | majority class "
+             "| MCC |", "|---|---|---|---|---|---|---|---|---|"]
     seeds = list(runs)
     for setting in plan["settings"]:
         per_seed = [runs[s][setting]["diagnostics"] for s in seeds if setting in runs[s]]
@@ -122,7 +182,7 @@ def diagnostics_markdown(plan: dict[str, Any], runs: dict[str, Any]) -> str:
             change = ", ".join(f"{k} {v:g}" for k, v in per_seed[0][task]["recipe_changes"].items()) or "–"
             lines.append(f"| {setting} | {task} | {change} | {joined('norm', '.2f')} | {joined('norm_ratio', '.1f')} | "
                          f"{joined('mean_max_prob', '.3f')} | {joined('test_accuracy', '.3f')} | "
-                         f"{joined('majority_accuracy', '.3f')} |")
+                         f"{joined('majority_accuracy', '.3f')} | {joined('test_mcc', '.3f')} |")
     return "\n".join(lines) + f"\n\nValues per seed: {' / '.join(seeds)}.\n"
 
 
@@ -281,6 +341,17 @@ def convergence_markdown(runs: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------- write
 
 
+def timings_markdown(timings: list[dict[str, Any]]) -> str:
+    """The flow runs' wall times (only runs that did work: a re-run that skipped everything is left out)."""
+    worked = [t for t in timings if t["stages_run"]]
+    lines = ["| Seed | Setting | stages run | wall time | load average (1, 5, 15 min) at the end |", "|---|---|---|---|---|"]
+    for t in worked:
+        load = ", ".join(f"{x:.1f}" for x in t.get("load_average", []))
+        lines.append(f"| {t['seed']} | {t['setting']} | {t['stages_run']} | {t['seconds'] / 60:.1f} min | {load} |")
+    total = sum(t["seconds"] for t in worked)
+    return "\n".join(lines) + f"\n\nSum of the flow runs' wall times: {total / 60:.1f} min.\n"
+
+
 def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str, Any]:
     runs = collect_runs(plan)
     if not runs:
@@ -291,6 +362,7 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
     table = headline(plan, runs)
     tasks = [t["name"] for t in plan["base_params"]["tasks"]]
     convergence = _load(results / "convergence.json")
+    timings = _load(results / "timings.json")
     plot_headline(table, results / "headline.png")
     sections = [
         "# Paper reproduction at small scale: MiniLM on four GLUE tasks\n",
@@ -304,8 +376,12 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
         "## Source models\n", diagnostics_markdown(plan, runs),
         "## Mean normalized accuracy (%), mean ± half the spread over seeds\n", headline_markdown(plan, table),
         "![headline](headline.png)\n",
+        "## Goal: DisTaC within 2 normalized points of the original setting\n", goal_markdown(plan, runs),
+        "## CoLA: Matthews correlation (GLUE's metric) of the merged models\n", mcc_markdown(plan, runs),
         "## DisTaC runs\n", conditioning_markdown(runs),
     ]
+    if timings:
+        sections += ["## Wall time\n", timings_markdown(timings)]
     if convergence:
         plot_convergence(convergence, results / "convergence.png")
         sections += ["## DisTaC convergence (seed 0)\n", convergence_markdown(convergence),

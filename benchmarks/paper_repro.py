@@ -93,8 +93,19 @@ def run_seed(plan: dict[str, Any], seed: int, only: list[str] | None = None) -> 
         started = time.perf_counter()
         print(f"== seed {seed}, {setting}: {path}", flush=True)
         result = distac_pipeline(str(path.relative_to(REPO)))
+        seconds = time.perf_counter() - started
         print(result["report"]["table"])
-        print(f"== seed {seed}, {setting}: {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"== seed {seed}, {setting}: {seconds:.0f} s", flush=True)
+        record_timing(plan, {"seed": seed, "setting": setting, "seconds": round(seconds, 1),
+                             "stages_run": sum(not s["skipped"] for s in result["stages"]),
+                             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average": os.getloadavg()})
+
+
+def record_timing(plan: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Append one flow run's wall time to ``<results>/timings.json`` (the 2-hour budget's evidence)."""
+    path = REPO / plan["results"] / "timings.json"
+    done = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps([*done, entry], indent=1))
 
 
 # --------------------------------------------------------------------------------------------- guidelines

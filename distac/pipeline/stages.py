@@ -15,7 +15,7 @@ from distac.conditioning import condition as run_distac
 from distac.data import TaskData, load_task, load_task_data, with_unlabeled
 from distac.errors import ConfigError
 from distac.diagnostics import diagnose as run_diagnose
-from distac.evaluation import accuracy, evaluate_merged, labels_of, predict_logits, search_alpha
+from distac.evaluation import accuracy, evaluate_merged, labels_of, matthews_correlation, predict_logits, search_alpha
 from distac.merging import merge as run_merge
 from distac.merging.streaming import save_merged
 from distac.models import build_adapter
@@ -142,8 +142,9 @@ def finetune(context: StageContext) -> dict[str, Any]:
                               on_step=context.on_metrics)
         model, history, recipe_record = result.model.to(device), result.history, recipe.model_dump()
     val_acc, val_logits = accuracy_on(model, data.validation, built.collate, device)
-    test_acc, _ = accuracy_on(model, data.test, built.collate, device)
+    test_acc, test_logits = accuracy_on(model, data.test, built.collate, device)
     summary = {"validation_accuracy": val_acc, "test_accuracy": test_acc,
+               "test_mcc": matthews_correlation(test_logits, labels_of(data.test)),
                "validation_mean_max_prob": confidence_stats(val_logits).mean_max_prob,
                "train_examples": len(data.train), "final_loss": history[-1]["loss"] if history else None}
     save_task_model(store.model_uri(task), model.cpu(), built, task, data.num_classes, list(data.class_names),
