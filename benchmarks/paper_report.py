@@ -27,6 +27,7 @@ def _diagnostics(params) -> dict[str, dict[str, Any]]:
     store = RunStore.of(params)
     norms = {t: store.vector_stats(t)["norm"] for t in params.task_names}
     smallest = min(norms.values())
+    flags = {t["name"]: t["flags"] for t in store.diagnosis()["tasks"]}
     out = {}
     for task in params.task_names:
         labels = [example.label for example in task_data(params, task).test]
@@ -38,7 +39,7 @@ def _diagnostics(params) -> dict[str, dict[str, Any]]:
                      "mean_max_prob": metrics["validation_mean_max_prob"],
                      "validation_accuracy": metrics["validation_accuracy"],
                      "test_accuracy": metrics["test_accuracy"], "test_mcc": metrics.get("test_mcc"),
-                     "majority_accuracy": majority}
+                     "majority_accuracy": majority, "flags": flags.get(task, [])}
     return out
 
 
@@ -170,7 +171,7 @@ def mcc_markdown(plan: dict[str, Any], runs: dict[str, Any], task: str = "cola")
 
 def diagnostics_markdown(plan: dict[str, Any], runs: dict[str, Any]) -> str:
     lines = ["| Setting | Task | Recipe change | ‖τ‖ | ‖τ‖ / smallest | mean max-prob | fine-tuned acc. | majority class "
-             "| MCC |", "|---|---|---|---|---|---|---|---|---|"]
+             "| MCC | diagnosis flags |", "|---|---|---|---|---|---|---|---|---|---|"]
     seeds = list(runs)
     for setting in plan["settings"]:
         per_seed = [runs[s][setting]["diagnostics"] for s in seeds if setting in runs[s]]
@@ -178,11 +179,12 @@ def diagnostics_markdown(plan: dict[str, Any], runs: dict[str, Any]) -> str:
             continue
         for task in per_seed[0]:
             def joined(key: str, fmt: str) -> str:
-                return " / ".join(format(d[task][key], fmt) for d in per_seed)
+                return " / ".join("–" if d[task].get(key) is None else format(d[task][key], fmt) for d in per_seed)
             change = ", ".join(f"{k} {v:g}" for k, v in per_seed[0][task]["recipe_changes"].items()) or "–"
             lines.append(f"| {setting} | {task} | {change} | {joined('norm', '.2f')} | {joined('norm_ratio', '.1f')} | "
                          f"{joined('mean_max_prob', '.3f')} | {joined('test_accuracy', '.3f')} | "
-                         f"{joined('majority_accuracy', '.3f')} | {joined('test_mcc', '.3f')} |")
+                         f"{joined('majority_accuracy', '.3f')} | {joined('test_mcc', '.3f')} | "
+                         f"{' / '.join(', '.join(d[task]['flags']) or '–' for d in per_seed)} |")
     return "\n".join(lines) + f"\n\nValues per seed: {' / '.join(seeds)}.\n"
 
 
