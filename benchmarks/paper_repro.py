@@ -49,6 +49,8 @@ def setting_params(plan: dict[str, Any], setting: str, seed: int) -> dict[str, A
     params = copy.deepcopy(plan["base_params"])
     for task in params["tasks"]:
         task["finetune"] = {**task.get("finetune", {}), **spec["tasks"].get(task["name"], {})}
+        if task["name"] in spec.get("unlabeled", {}):  # DisTaC's inputs: e.g. another task's ({from_task: cola})
+            task["unlabeled"] = spec["unlabeled"][task["name"]]
     for section in ("data", "finetune", "conditioning"):
         params[section]["seed"] = seed
     params["conditioning"]["tasks"] = list(spec["conditioning_tasks"])
@@ -57,7 +59,7 @@ def setting_params(plan: dict[str, Any], setting: str, seed: int) -> dict[str, A
         params["merge"]["methods"] = [m for m in params["merge"]["methods"] if m["name"] in plan["headline_methods"]]
     params["storage"]["root"] = setting_root(plan, setting, seed)
     if setting != "original":
-        params["storage"]["reuse"] = [setting_root(plan, "original", seed)]
+        params["storage"]["reuse"] = [setting_root(plan, name, seed) for name in ["original", *spec.get("reuse", [])]]
     return params
 
 
