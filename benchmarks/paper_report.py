@@ -367,7 +367,7 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
     timings = _load(results / "timings.json")
     plot_headline(table, results / "headline.png")
     sections = [
-        "# Paper reproduction at small scale: MiniLM on four GLUE tasks\n",
+        f"# Paper reproduction at small scale: MiniLM on {len(tasks)} GLUE tasks ({', '.join(tasks)})\n",
         "Command: `python -m benchmarks.paper_repro all`, or its steps one by one: "
         f"{' and '.join(f'`run --seed {seed}`' for seed in plan['seeds'])} "
         "(side by side, each setting a Prefect flow run), then `sweep`, `calibration`, `convergence`, `report` "
