@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -270,10 +271,13 @@ def test_a_later_run_stops_the_prefect_server_a_killed_run_left_listening(tmp_pa
             time.sleep(0.05)
         assert stop_orphaned_prefect_servers(home) == [orphan]
         for _ in range(200):
-            if not os.path.exists(f"/proc/{orphan}") or "Z" in open(f"/proc/{orphan}/stat").read().split()[2]:
+            try:
+                if psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
                 break
             time.sleep(0.05)
-        assert own_child.poll() is None and os.path.exists(f"/proc/{other_home}")
+        assert own_child.poll() is None and psutil.pid_exists(other_home)
     finally:
         own_child.kill()
         own_child.wait()
