@@ -86,10 +86,15 @@ def collect_runs(plan: dict[str, Any]) -> dict[str, Any]:
     return runs
 
 
+def setting_variants(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (setting, variant) the plan merges: as-is everywhere, DisTaC where a setting conditions tasks."""
+    return [(s, v) for s, spec in plan["settings"].items()
+            for v in (["as-is", "distac"] if spec["conditioning_tasks"] else ["as-is"])]
+
+
 def headline(plan: dict[str, Any], runs: dict[str, Any]) -> list[dict[str, Any]]:
     """Per method: mean normalized accuracy in each (setting, variant), mean and spread over seeds."""
-    columns = [(s, v) for s in plan["settings"] for v in (["as-is"] if not plan["settings"][s]["conditioning_tasks"]
-                                                           else ["as-is", "distac"])]
+    columns = setting_variants(plan)
     methods = [m["name"] for m in plan["base_params"]["merge"]["methods"]]
     table = []
     for method in methods:
@@ -153,8 +158,7 @@ def goal_markdown(plan: dict[str, Any], runs: dict[str, Any]) -> str:
 
 def mcc_markdown(plan: dict[str, Any], runs: dict[str, Any], task: str = "cola") -> str:
     """The task's test Matthews correlation per method, setting and variant, per seed."""
-    columns = [(s, v) for s, spec in plan["settings"].items() for v in (["as-is", "distac"] if spec["conditioning_tasks"]
-                                                                        else ["as-is"])]
+    columns = setting_variants(plan)
     lines = ["| Method | fine-tuned | " + " | ".join(f"{s.replace('_', ' ')}, {v}" for s, v in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
     source = " / ".join(f"{settings['original']['diagnostics'][task]['test_mcc']:.3f}" for settings in runs.values()
