@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import os
 import sys
@@ -54,6 +55,7 @@ def setting_params(plan: dict[str, Any], setting: str, seed: int) -> dict[str, A
     for section in ("data", "finetune", "conditioning"):
         params[section]["seed"] = seed
     params["conditioning"]["tasks"] = list(spec["conditioning_tasks"])
+    params["conditioning"].update(spec.get("conditioning", {}))  # e.g. a fixed student temperature
     params["merge"]["variants"] = ["as-is", "distac"] if spec["conditioning_tasks"] else ["as-is"]
     if seed != plan["seeds"][0] or spec.get("headline_only"):
         params["merge"]["methods"] = [m for m in params["merge"]["methods"] if m["name"] in plan["headline_methods"]]
@@ -106,8 +108,11 @@ def run_seed(plan: dict[str, Any], seed: int, only: list[str] | None = None) -> 
 def record_timing(plan: dict[str, Any], entry: dict[str, Any]) -> None:
     """Append one flow run's wall time to ``<results>/timings.json`` (the 2-hour budget's evidence)."""
     path = REPO / plan["results"] / "timings.json"
-    done = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps([*done, entry], indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:  # drivers of other seeds append side by side
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps([*done, entry], indent=1))
 
 
 # --------------------------------------------------------------------------------------------- guidelines
