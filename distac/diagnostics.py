@@ -20,7 +20,7 @@ Flags (thresholds are arguments; defaults below):
 Recommendations: a task flagged for norm disparity gets κ_t = r · min_s ‖τ_s‖ / ‖τ_t‖ with r the
 norm-ratio threshold: the least shrink toward the others that clears its flag. Every other task keeps
 κ_t = 1, so no vector is shrunk that its own norm ratio does not flag. (Shrinking all the way to the
-others' median norm was measured on the default run: SST-2 at κ = 0.23 kept its own accuracy after
+others' median norm was measured on an earlier default run: SST-2 at κ = 0.23 kept its own accuracy after
 DisTaC but collapsed inside the merges; at the threshold, κ = 0.44, it held up better.) A low-confidence task
 gets T_tcr = 1 and T_stu = the smallest s ≥ 1 at which its own teacher logits, sharpened to softmax(s·z),
 reach scaled confidence 0.95 (DisTaC drives z_s ≈ s·z_t), capped at 10; any other task T_stu = T_tcr
