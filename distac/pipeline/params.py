@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from distac.conditioning import DistacConfig
 from distac.data.spec import DataSpec, UnlabeledSpec
+from distac.diagnostics import TARGET_CONFIDENCE
 from distac.errors import ConfigError, DistacError
 from distac.evaluation import DEFAULT_ALPHA_GRID
 from distac.merging import method_class
@@ -219,7 +220,7 @@ class DiagnosisParams(Section):
 
     norm_ratio: Annotated[float, Field(ge=1)] = 2.0
     min_scaled_confidence: Annotated[float, Field(gt=0, lt=1)] = 0.7
-    target_confidence: Annotated[float, Field(gt=0, le=1)] = 0.95
+    target_confidence: Annotated[float, Field(gt=0, le=1)] = TARGET_CONFIDENCE
 
     @model_validator(mode="after")
     def _target_above_threshold(self) -> "DiagnosisParams":
