@@ -63,9 +63,10 @@ def test_an_integer_is_a_float_and_yaml_exponents_without_a_dot_are_floats(tmp_p
     assert params.finetune.lr == 1e-5 and params.finetune.weight_decay == 0.0
 
 
-@pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "file:///tmp/mlruns", "mlruns", "http://127.0.0.1:5000",
+@pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "file://{tmp}/mlruns", "mlruns", "http://127.0.0.1:5000",
                                  "postgresql+psycopg2://u@h/db"])
-def test_known_tracking_uris_are_accepted(uri):
+def test_known_tracking_uris_are_accepted(uri, tmp_path):
+    uri = uri.format(tmp=tmp_path.as_posix())  # an absolute file URI, under this test's own directory
     assert parse_params(params_with(mlflow={"tracking_uri": uri})).mlflow.tracking_uri == uri
 
 
