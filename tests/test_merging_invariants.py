@@ -114,7 +114,6 @@ def test_ties_threshold_is_the_exact_kth_largest_magnitude(values, scale, k):
     assert threshold == float(magnitudes[max(1, math.ceil(k * magnitudes.numel())) - 1])
 
 
-
 def test_ties_threshold_reads_scalars_transposed_and_half_precision_tensors():
     generator = torch.Generator().manual_seed(0)
     vector = {"scalar": torch.tensor(-3.0), "transposed": torch.randn(5, 7, generator=generator).mT,
@@ -123,6 +122,7 @@ def test_ties_threshold_reads_scalars_transposed_and_half_precision_tensors():
     for k in (0.05, 0.3, 1.0):
         (threshold,) = top_k_thresholds([vector], list(vector), k, torch.device("cpu"))
         assert threshold == float(magnitudes[math.ceil(k * magnitudes.numel()) - 1])
+
 
 @settings(**FAST)
 @given(seed=st.integers(0, 2**31 - 1), num_tasks=st.integers(1, 4))

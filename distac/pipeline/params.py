@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from distac.conditioning import DistacConfig
 from distac.data.spec import DataSpec, UnlabeledSpec
-from distac.diagnostics import TARGET_CONFIDENCE
+from distac.diagnostics import CONFIDENCE_THRESHOLD, NORM_RATIO_THRESHOLD, TARGET_CONFIDENCE
 from distac.errors import ConfigError, DistacError
 from distac.evaluation import DEFAULT_ALPHA_GRID
 from distac.merging import method_class
@@ -218,8 +218,8 @@ class DiagnosisParams(Section):
     """Thresholds that flag a task for conditioning (see ``distac.diagnostics``): a norm more than
     ``norm_ratio`` times the smallest; a scaled confidence below ``min_scaled_confidence``."""
 
-    norm_ratio: Annotated[float, Field(ge=1)] = 2.0
-    min_scaled_confidence: Annotated[float, Field(gt=0, lt=1)] = 0.7
+    norm_ratio: Annotated[float, Field(ge=1)] = NORM_RATIO_THRESHOLD
+    min_scaled_confidence: Annotated[float, Field(gt=0, lt=1)] = CONFIDENCE_THRESHOLD
     target_confidence: Annotated[float, Field(gt=0, le=1)] = TARGET_CONFIDENCE
 
     @model_validator(mode="after")
