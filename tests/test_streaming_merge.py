@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ from distac import io
 from distac.cli import main
 from distac.errors import CheckpointError, ConfigError, MismatchError, NonFiniteError
 from distac.merging import METHODS, merge
+from distac.merging.base import iter_task_tensors, load_tensors
 from distac.merging.streaming import load_merged, materialize, merge_checkpoints
-from distac.vectors import TaskVector
+from distac.vectors import LazyTaskVector, TaskVector
 from helpers import CountingReader
 
 SETTINGS = {"wudi": {"steps": 5}, "ties": {"k": 0.3}, "consensus": {"min_agree": 2}, "iso_cts": {}}
@@ -308,3 +310,43 @@ def test_streaming_reads_each_pretrained_tensor_once_per_pass(name, passes, safe
     floating = [key for key in order if pre[key].is_floating_point()]
     model_pass = [] if METHODS[name].per_task else order
     assert counting.reads == floating * passes + model_pass
+
+
+def test_the_next_key_is_read_while_the_current_one_is_merged(safetensors_inputs, tmp_path):
+    """``iter_task_tensors`` reads exactly one key ahead (two keys in memory, never three), yields what
+    ``load_tensors`` gives, and empties each key's list once the caller moves on."""
+    pre, pre_uri = safetensors_inputs
+    io.save_state_dict(perturbed(pre, 1), tmp_path / "ft.safetensors")
+    counting = CountingReader(io.open_checkpoint(pre_uri))
+    vectors = [LazyTaskVector(counting, io.open_checkpoint(str(tmp_path / "ft.safetensors")))]
+    keys = list(vectors[0])
+    loaded = iter_task_tensors(keys, vectors, torch.device("cpu"))
+    key, first, dtype = next(loaded)
+    assert key == keys[0] and dtype == torch.float32
+    assert torch.equal(first[0], load_tensors(keys[0], vectors, torch.device("cpu"))[0][0])
+    deadline = time.monotonic() + 10
+    while len(counting.reads) < 3 and time.monotonic() < deadline:  # the read-ahead of keys[1], plus our own
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert counting.reads == [keys[0], keys[0], keys[1]]  # keys[2] waits until the caller asks for keys[1]
+    rest = list(loaded)
+    assert first == [] and [key for key, _, _ in rest] == keys[1:]
+
+
+def test_a_read_error_surfaces_at_its_key_and_closing_early_stops_reading(safetensors_inputs, tmp_path):
+    pre, pre_uri = safetensors_inputs
+    io.save_state_dict({**perturbed(pre, 1), "block.1.weight": torch.zeros(8, 12).half()}, tmp_path / "bad.safetensors")
+    vectors = [TaskVector.from_checkpoints(pre_uri, pre_uri),
+               LazyTaskVector.from_checkpoints(pre_uri, tmp_path / "bad.safetensors")]
+    keys = list(vectors[0])
+    seen = []
+    with pytest.raises(MismatchError, match="'block.1.weight': dtype torch.float16"):
+        for key, _, _ in iter_task_tensors(keys, vectors, torch.device("cpu")):
+            seen.append(key)
+    assert seen == keys[:keys.index("block.1.weight")]
+    counting = CountingReader(io.open_checkpoint(pre_uri))
+    loaded = iter_task_tensors(keys, [LazyTaskVector(counting, io.open_checkpoint(pre_uri))], torch.device("cpu"))
+    next(loaded)
+    loaded.close()  # cancels the read ahead or waits for it; starts no other
+    time.sleep(0.1)
+    assert counting.reads in (keys[:1], keys[:2])

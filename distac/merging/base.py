@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -129,19 +130,46 @@ def load_tensors(key: str, vectors: Sequence[Mapping[str, torch.Tensor]],
     return [t.to(device=device, dtype=torch.float32) for t in tensors], tensors[0].dtype
 
 
+def iter_task_tensors(keys: Sequence[str], vectors: Sequence[Mapping[str, torch.Tensor]],
+                      device: torch.device) -> Iterator[tuple[str, list[torch.Tensor], torch.dtype]]:
+    """``(key, tensors, dtype)`` as ``load_tensors`` gives them, key by key, with the next key's tensors
+    loaded in a background thread while the caller works on the current ones.
+
+    For lazy task vectors, loading is reading T + 1 tensors and subtracting; reads and torch ops release the
+    GIL, so loading overlaps the merge's own computation. The ``tensors`` list is emptied when the caller asks
+    for the next key, so memory holds two keys' tensors (the current and the next), not three.
+    """
+    def load(index: int) -> Future | None:
+        return reader.submit(load_tensors, keys[index], vectors, device) if index < len(keys) else None
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="distac-read") as reader:
+        upcoming = load(0)
+        try:
+            for index, key in enumerate(keys):
+                tensors, dtype = upcoming.result()
+                upcoming = load(index + 1)
+                yield key, tensors, dtype
+                tensors.clear()
+        finally:
+            if upcoming is not None:
+                upcoming.cancel()
+
+
 def iter_merged(method: MergeMethod, vectors: Sequence[Mapping[str, torch.Tensor]],
                 device: torch.device | str | None = None,
                 progress: bool = False) -> Iterator[tuple[str, torch.Tensor | TensorParts]]:
     """Merge tensor by tensor, yielding (key, result on CPU in the inputs' dtype; masks stay bool).
 
-    Holds at most T input tensors and one result at a time, so memory is bounded by the largest tensor.
+    Holds the T input tensors of at most two keys (``iter_task_tensors`` reads one ahead) and one result,
+    so memory is bounded by the largest tensor.
     """
     device = torch.device(device) if device is not None else default_device()
     keys = common_keys(vectors)
     if method.needs_first_pass:
         method.prepare(vectors, keys, device)
-    for key in tqdm(keys, desc=f"merge ({method.name})", unit="tensor", disable=not progress):
-        tensors, dtype = load_tensors(key, vectors, device)
+    loaded = iter_task_tensors(keys, vectors, device)
+    for key, tensors, dtype in tqdm(loaded, total=len(keys), desc=f"merge ({method.name})", unit="tensor",
+                                    disable=not progress):
         result = method.merge_tensor(key, tensors)
         if isinstance(result, torch.Tensor):
             yield key, result.to(device="cpu", dtype=dtype)

@@ -8,7 +8,8 @@ in-memory ``merge`` (``iter_merged``) and writes, under OUT::
     model/             θ_pre + τ_m over every pretrained key (other keys passed through); not for EMR
     merge.json         method, hyperparameters, inputs, number of tasks, EMR scales, path and device
 
-Memory holds T input tensors of one key plus one shard buffer: ``max_shard_bytes`` for the vector, and
+Memory holds the T input tensors of two keys (the one being merged and the next, read ahead in a
+background thread) plus one shard buffer: ``max_shard_bytes`` for the vector, and
 for EMR that budget split evenly between the vector and its T mask writers (masks take one byte per
 entry). The model is written in a second pass that reads the staged vector back, so the two outputs never
 buffer at the same time. Everything is staged in a temporary directory and

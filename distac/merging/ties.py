@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distac.merging.base import MergeMethod, check_number, load_tensors
+from distac.merging.base import MergeMethod, check_number, iter_task_tensors
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequen
     """Per task vector, the exact ⌈k·N⌉-th largest magnitude over all its tensors (two passes)."""
     num_tasks = len(vectors)
     high = torch.zeros(num_tasks, _HIGH_BINS, dtype=torch.int64, device=device)
-    for key in keys:
-        tensors, _ = load_tensors(key, vectors, device)
+    for _, tensors, _ in iter_task_tensors(keys, vectors, device):
         for t, tensor in enumerate(tensors):
             high[t] += torch.bincount(magnitude_halves(tensor)[0], minlength=_HIGH_BINS)
     totals = high.sum(dim=1).tolist()
@@ -77,8 +76,7 @@ def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequen
     bins, ranks = zip(*(_select_from_top(high[t], wanted[t]) if totals[t] else (0, 0) for t in range(num_tasks)))
 
     low = torch.zeros(num_tasks, _LOW_BINS, dtype=torch.int64, device=device)
-    for key in keys:
-        tensors, _ = load_tensors(key, vectors, device)
+    for _, tensors, _ in iter_task_tensors(keys, vectors, device):
         for t, tensor in enumerate(tensors):
             high_half, low_half = magnitude_halves(tensor)
             in_bin = low_half[high_half == bins[t]].to(torch.int32) & 0xFFFF
