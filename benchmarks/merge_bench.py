@@ -121,8 +121,9 @@ def run_distac_child(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     merge_seconds = 0.0  # task vectors + merge, without reading or writing (not separable when streaming)
     if args.child == "stream":
+        read_ahead = {} if args.read_ahead_bytes is None else {"read_ahead_bytes": args.read_ahead_bytes}
         merge_checkpoints(METHODS[args.method].create(**params), args.pretrained, args.finetuned, str(out),
-                          device="cpu", max_shard_bytes=args.shard_bytes, progress=False)
+                          device="cpu", max_shard_bytes=args.shard_bytes, progress=False, **read_ahead)
         merge_seconds = None
     elif args.child == "plain":
         pretrained = load_file(args.pretrained)
@@ -308,6 +309,8 @@ def measure(mode: str, method: str, inputs: dict, out: Path, args, python: str) 
     arguments = ["--child", mode, "--method", method, "--pretrained", inputs["pretrained"],
                  "--finetuned", *inputs["finetuned"], "--out", str(out), "--wudi-steps", str(args.wudi_steps),
                  "--shard-bytes", str(args.shard_bytes), "--threads", str(args.threads)]
+    if mode == "stream" and args.read_ahead_bytes is not None:
+        arguments += ["--read-ahead-bytes", str(args.read_ahead_bytes)]
     return in_child(arguments, python=python, max_rss=args.max_rss_gib * 1024**3)
 
 
@@ -405,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of ViT-B/32's widths (1 = 87.8 M params)")
     parser.add_argument("--wudi-steps", type=int, default=300, help="Adam steps per matrix for wudi (reference 300)")
     parser.add_argument("--shard-bytes", type=int, default=256 * MIB, help="output shard size of distac's modes")
+    parser.add_argument("--read-ahead-bytes", type=int,
+                        help="stream mode: the merge's read-ahead budget (default: distac's; 0 = off)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per merge")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per method; each mode's fastest counts")
     parser.add_argument("--fusionbench", action="store_true",

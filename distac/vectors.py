@@ -274,3 +274,8 @@ class LazyTaskVector(Mapping[str, torch.Tensor]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """The tensor's shape from the fine-tuned checkpoint's metadata, or None where it has none."""
+        shape = getattr(self.finetuned, "shape", None)
+        return tuple(shape(key)) if callable(shape) else None

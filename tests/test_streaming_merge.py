@@ -15,7 +15,7 @@ from distac import io
 from distac.cli import main
 from distac.errors import CheckpointError, ConfigError, MismatchError, NonFiniteError
 from distac.merging import METHODS, merge
-from distac.merging.base import iter_task_tensors, load_tensors
+from distac.merging.base import input_bytes, iter_task_tensors, load_tensors
 from distac.merging.streaming import load_merged, materialize, merge_checkpoints
 from distac.vectors import LazyTaskVector, TaskVector
 from helpers import CountingReader
@@ -312,6 +312,15 @@ def test_streaming_reads_each_pretrained_tensor_once_per_pass(name, passes, safe
     assert counting.reads == floating * passes + model_pass
 
 
+def reads_after_settling(counting: CountingReader, expected: int) -> list[str]:
+    """The keys read so far, once ``expected`` reads happened (or 10 s passed) and 0.1 s more brought none."""
+    deadline = time.monotonic() + 10
+    while len(counting.reads) < expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    return list(counting.reads)
+
+
 def test_the_next_key_is_read_while_the_current_one_is_merged(safetensors_inputs, tmp_path):
     """``iter_task_tensors`` reads exactly one key ahead (two keys in memory, never three), yields what
     ``load_tensors`` gives, and empties each key's list once the caller moves on."""
@@ -324,11 +333,8 @@ def test_the_next_key_is_read_while_the_current_one_is_merged(safetensors_inputs
     key, first, dtype = next(loaded)
     assert key == keys[0] and dtype == torch.float32
     assert torch.equal(first[0], load_tensors(keys[0], vectors, torch.device("cpu"))[0][0])
-    deadline = time.monotonic() + 10
-    while len(counting.reads) < 3 and time.monotonic() < deadline:  # the read-ahead of keys[1], plus our own
-        time.sleep(0.01)
-    time.sleep(0.1)
-    assert counting.reads == [keys[0], keys[0], keys[1]]  # keys[2] waits until the caller asks for keys[1]
+    # keys[0] twice (the iterator's read, then ours) and the read-ahead of keys[1]; keys[2] waits its turn
+    assert reads_after_settling(counting, 3) == [keys[0], keys[0], keys[1]]
     rest = list(loaded)
     assert first == [] and [key for key, _, _ in rest] == keys[1:]
 
@@ -350,3 +356,29 @@ def test_a_read_error_surfaces_at_its_key_and_closing_early_stops_reading(safete
     loaded.close()  # cancels the read ahead or waits for it; starts no other
     time.sleep(0.1)
     assert counting.reads in (keys[:1], keys[:2])
+
+
+def test_reading_ahead_stays_within_its_budget(safetensors_inputs, tmp_path):
+    """A key whose T float32 inputs exceed the budget is read only when its turn comes; 0 turns reading ahead
+    off; the CLI's --read-ahead 0 merges to the same bits."""
+    pre, pre_uri = safetensors_inputs
+    io.save_state_dict(perturbed(pre, 1), tmp_path / "ft.safetensors")
+    io.save_state_dict(perturbed(pre, 2, scale=0.2), tmp_path / "ft2.safetensors")
+    finetuned = [str(tmp_path / "ft.safetensors"), str(tmp_path / "ft2.safetensors")]
+    counting = CountingReader(io.open_checkpoint(pre_uri))
+    vectors = [LazyTaskVector(counting, io.open_checkpoint(uri)) for uri in finetuned]
+    keys = list(vectors[0])
+    assert [input_bytes(key, vectors) for key in keys] == [2 * 4 * pre[key].numel() for key in keys]
+    budget = 2 * 4 * pre["block.0.bias"].numel()  # block.0.bias fits, the weights do not
+    for read_ahead_bytes in (0, budget):
+        counting.reads.clear()
+        for index, (key, _, _) in enumerate(iter_task_tensors(keys, vectors, torch.device("cpu"), read_ahead_bytes)):
+            ahead = index + 1 < len(keys) and read_ahead_bytes and input_bytes(keys[index + 1], vectors) <= budget
+            expected = [k for k in keys[:index + 1 + bool(ahead)] for _ in vectors]
+            assert reads_after_settling(counting, len(expected)) == expected
+    assert main(["merge", "--method", "ties", "--pretrained", pre_uri, "--finetuned", *finetuned,
+                 "--out", str(tmp_path / "off"), "--read-ahead", "0", "--no-progress"]) == 0
+    assert main(["merge", "--method", "ties", "--pretrained", pre_uri, "--finetuned", *finetuned,
+                 "--out", str(tmp_path / "on"), "--read-ahead", "1KB", "--no-progress"]) == 0
+    off, on = (io.load_state_dict(str(tmp_path / name / "vector")) for name in ("off", "on"))
+    assert all(torch.equal(off[key], on[key]) for key in on) and list(off) == list(on)

@@ -11,6 +11,7 @@ from typing import Any
 from distac import io
 from distac.errors import ConfigError
 from distac.merging import METHODS, get_method
+from distac.merging.base import READ_AHEAD_BYTES
 from distac.merging.streaming import materialize, merge_checkpoints
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
@@ -24,6 +25,11 @@ def parse_size(text: str) -> int:
     if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 2GB, 500MB, 64MiB)")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_size_or_zero(text: str) -> int:
+    """A size as ``parse_size`` takes it, or 0 (turns the budget off)."""
+    return 0 if text.strip() == "0" else parse_size(text)
 
 
 def parse_value(text: str, default: Any = None) -> Any:
@@ -78,7 +84,7 @@ def run_merge(args: argparse.Namespace) -> int:
     record = merge_checkpoints(method, pretrained, finetuned, args.out, include=args.include,
                                exclude=args.exclude, device=args.device, max_shard_bytes=args.shard_size,
                                progress=not args.no_progress, write_model=not args.no_model,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, read_ahead_bytes=args.read_ahead)
     settings = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(method).items()) or "no hyperparameters"
     print(f"merged {record['num_tasks']} tasks over {record['num_tensors']} tensors with {method.name} "
           f"({settings}) into {args.out}")
@@ -116,6 +122,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="compute device (default: cuda when present)")
     parser.add_argument("--shard-size", type=parse_size, default=io.DEFAULT_SHARD_BYTES,
                         help="largest output shard, e.g. 2GB (default), 500MB")
+    parser.add_argument("--read-ahead", type=parse_size_or_zero, default=READ_AHEAD_BYTES, metavar="SIZE",
+                        help="read the next tensor's inputs (as float32, all tasks) while the current one merges "
+                             "when they fit in SIZE, e.g. 1GB (default), 0 (off: half the input memory)")
     parser.add_argument("--no-model", action="store_true", help="write only the merged vector, not θ_pre + τ_m")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",

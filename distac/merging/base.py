@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,8 +44,9 @@ class MergeMethod:
     has_alpha: ClassVar[bool] = False  # True when the result is α·merge(...): an ``alpha`` field scales it
 
     def prepare(self, vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
-                device: torch.device) -> None:
-        """A first pass over all tensors for whole-model quantities (TIES threshold)."""
+                device: torch.device, read_ahead_bytes: int = 0) -> None:
+        """A first pass over all tensors for whole-model quantities (TIES threshold); ``read_ahead_bytes``
+        as in ``iter_task_tensors``."""
 
     def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor | TensorParts:
         raise NotImplementedError
@@ -130,24 +132,48 @@ def load_tensors(key: str, vectors: Sequence[Mapping[str, torch.Tensor]],
     return [t.to(device=device, dtype=torch.float32) for t in tensors], tensors[0].dtype
 
 
-def iter_task_tensors(keys: Sequence[str], vectors: Sequence[Mapping[str, torch.Tensor]],
-                      device: torch.device) -> Iterator[tuple[str, list[torch.Tensor], torch.dtype]]:
+READ_AHEAD_BYTES = 1 << 30  # the most float32 input bytes of one key read ahead of the merge
+
+
+def input_bytes(key: str, vectors: Sequence[Mapping[str, torch.Tensor]]) -> int | None:
+    """What ``load_tensors`` will hold for ``key`` (T float32 tensors), from metadata; None if unknown."""
+    vector = vectors[0]
+    if isinstance(vector, TaskVector):
+        numel = vector[key].numel()
+    else:
+        shape = getattr(vector, "shape", None)
+        dims = shape(key) if callable(shape) else None
+        if dims is None:
+            return None
+        numel = math.prod(dims)
+    return 4 * numel * len(vectors)
+
+
+def iter_task_tensors(keys: Sequence[str], vectors: Sequence[Mapping[str, torch.Tensor]], device: torch.device,
+                      read_ahead_bytes: int = READ_AHEAD_BYTES,
+                      ) -> Iterator[tuple[str, list[torch.Tensor], torch.dtype]]:
     """``(key, tensors, dtype)`` as ``load_tensors`` gives them, key by key, with the next key's tensors
     loaded in a background thread while the caller works on the current ones.
 
     For lazy task vectors, loading is reading T + 1 tensors and subtracting; reads and torch ops release the
     GIL, so loading overlaps the merge's own computation. The ``tensors`` list is emptied when the caller asks
-    for the next key, so memory holds two keys' tensors (the current and the next), not three.
+    for the next key, so memory holds the current key's tensors and at most ``read_ahead_bytes`` of the next
+    (a larger key is loaded when its turn comes; 0 turns reading ahead off).
     """
-    def load(index: int) -> Future | None:
-        return reader.submit(load_tensors, keys[index], vectors, device) if index < len(keys) else None
+    def read_ahead(index: int) -> Future | None:
+        if index >= len(keys) or read_ahead_bytes <= 0:
+            return None
+        size = input_bytes(keys[index], vectors)
+        if size is not None and size > read_ahead_bytes:
+            return None
+        return reader.submit(load_tensors, keys[index], vectors, device)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="distac-read") as reader:
-        upcoming = load(0)
+        upcoming = read_ahead(0)
         try:
             for index, key in enumerate(keys):
-                tensors, dtype = upcoming.result()
-                upcoming = load(index + 1)
+                tensors, dtype = upcoming.result() if upcoming else load_tensors(key, vectors, device)
+                upcoming = read_ahead(index + 1)
                 yield key, tensors, dtype
                 tensors.clear()
         finally:
@@ -156,8 +182,8 @@ def iter_task_tensors(keys: Sequence[str], vectors: Sequence[Mapping[str, torch.
 
 
 def iter_merged(method: MergeMethod, vectors: Sequence[Mapping[str, torch.Tensor]],
-                device: torch.device | str | None = None,
-                progress: bool = False) -> Iterator[tuple[str, torch.Tensor | TensorParts]]:
+                device: torch.device | str | None = None, progress: bool = False,
+                read_ahead_bytes: int = READ_AHEAD_BYTES) -> Iterator[tuple[str, torch.Tensor | TensorParts]]:
     """Merge tensor by tensor, yielding (key, result on CPU in the inputs' dtype; masks stay bool).
 
     Holds the T input tensors of at most two keys (``iter_task_tensors`` reads one ahead) and one result,
@@ -166,8 +192,8 @@ def iter_merged(method: MergeMethod, vectors: Sequence[Mapping[str, torch.Tensor
     device = torch.device(device) if device is not None else default_device()
     keys = common_keys(vectors)
     if method.needs_first_pass:
-        method.prepare(vectors, keys, device)
-    loaded = iter_task_tensors(keys, vectors, device)
+        method.prepare(vectors, keys, device, read_ahead_bytes)
+    loaded = iter_task_tensors(keys, vectors, device, read_ahead_bytes)
     for key, tensors, dtype in tqdm(loaded, total=len(keys), desc=f"merge ({method.name})", unit="tensor",
                                     disable=not progress):
         result = method.merge_tensor(key, tensors)

@@ -35,7 +35,7 @@ from distac import io
 from distac.errors import CheckpointError, ConfigError, MismatchError
 from distac.device import resolve_device
 from distac.merging import Merged, MergeMethod, get_method
-from distac.merging.base import iter_merged
+from distac.merging.base import READ_AHEAD_BYTES, iter_merged
 from distac.outputs import guard_output
 from distac.vectors import LastKeyCache, LazyTaskVector, TaskVector
 
@@ -128,10 +128,12 @@ def write_served_model(pretrained: Mapping[str, torch.Tensor], vector: Mapping[s
 def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_uris: Sequence[str], out_uri: str,
                       include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                       device: torch.device | str | None = None, max_shard_bytes: int = io.DEFAULT_SHARD_BYTES,
-                      progress: bool = True, write_model: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                      progress: bool = True, write_model: bool = True, overwrite: bool = False,
+                      read_ahead_bytes: int = READ_AHEAD_BYTES) -> dict[str, Any]:
     """Merge fine-tuned checkpoints tensor by tensor into OUT (layout in the module docstring).
 
     OUT must not be or contain an input; it may hold an earlier merge, anything else only with ``overwrite``.
+    ``read_ahead_bytes`` bounds the next key's inputs read while the current key merges (0: no reading ahead).
     Inputs may also be lazy mappings (``distac.models.resolve.backbone_checkpoint`` views of any model form).
     Returns the record written to OUT/merge.json.
     """
@@ -158,7 +160,8 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
             mask_writers = [writers.enter_context(io.ShardedSafetensorsWriter(os.path.join(staging, mask_dir(i)),
                                                                               shard_bytes))
                             for i in range(num_tasks)] if method.per_task else []
-            for key, result in iter_merged(method, vectors, device=device, progress=progress):
+            for key, result in iter_merged(method, vectors, device=device, progress=progress,
+                                           read_ahead_bytes=read_ahead_bytes):
                 if isinstance(result, torch.Tensor):
                     vector_writer.add(key, result)
                     continue

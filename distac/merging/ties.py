@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distac.merging.base import MergeMethod, check_number, iter_task_tensors
+from distac.merging.base import READ_AHEAD_BYTES, MergeMethod, check_number, iter_task_tensors
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,11 @@ def _bits_to_float(bits: int) -> float:
 
 
 def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str], k: float,
-                     device: torch.device) -> list[float]:
+                     device: torch.device, read_ahead_bytes: int = READ_AHEAD_BYTES) -> list[float]:
     """Per task vector, the exact ⌈k·N⌉-th largest magnitude over all its tensors (two passes)."""
     num_tasks = len(vectors)
     high = torch.zeros(num_tasks, _HIGH_BINS, dtype=torch.int64, device=device)
-    for _, tensors, _ in iter_task_tensors(keys, vectors, device):
+    for _, tensors, _ in iter_task_tensors(keys, vectors, device, read_ahead_bytes):
         for t, tensor in enumerate(tensors):
             high[t] += torch.bincount(magnitude_halves(tensor)[0], minlength=_HIGH_BINS)
     totals = high.sum(dim=1).tolist()
@@ -76,7 +76,7 @@ def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequen
     bins, ranks = zip(*(_select_from_top(high[t], wanted[t]) if totals[t] else (0, 0) for t in range(num_tasks)))
 
     low = torch.zeros(num_tasks, _LOW_BINS, dtype=torch.int64, device=device)
-    for _, tensors, _ in iter_task_tensors(keys, vectors, device):
+    for _, tensors, _ in iter_task_tensors(keys, vectors, device, read_ahead_bytes):
         for t, tensor in enumerate(tensors):
             high_half, low_half = magnitude_halves(tensor)
             in_bin = low_half[high_half == bins[t]].to(torch.int32) & 0xFFFF
@@ -104,12 +104,12 @@ class Ties(MergeMethod):
         check_number(self.name, "k", self.k, minimum=0.0, exclusive_minimum=True, maximum=1.0)
 
     def prepare(self, vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
-                device: torch.device) -> None:
+                device: torch.device, read_ahead_bytes: int = READ_AHEAD_BYTES) -> None:
         if self.k == 1:  # keep everything: no pass needed
             self.thresholds = [0.0] * len(vectors)
             return
         log.info("ties: two passes over %d tensors to find each task's global top-%g threshold", len(keys), self.k)
-        self.thresholds = top_k_thresholds(vectors, keys, self.k, device)
+        self.thresholds = top_k_thresholds(vectors, keys, self.k, device, read_ahead_bytes)
 
     def merge_tensor(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         thresholds = getattr(self, "thresholds", None)
