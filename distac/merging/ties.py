@@ -32,15 +32,17 @@ _HIGH_BINS = 1 << 15  # the sign bit of |x| is 0, so the high half-word is < 2**
 _LOW_BINS = 1 << 16
 
 
-def magnitude_halves(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def magnitude_halves(tensor: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The high and low 16 bits of |tensor|'s float32 bit patterns (as int32, monotone in the magnitude),
-    read as int16 views, without shifting or copying.
+    read as int16 views, without shifting or copying; |tensor| goes into ``scratch`` (float32, at least
+    ``tensor.numel()`` entries) when given, so T tasks of one key share one buffer.
 
     Shifting an int32 tensor costs several times a ``bincount`` of it on CPU; reading the high half-word
     through a strided int16 view costs nothing. The high half is non-negative (the sign bit of |x| is 0);
     the low half is read as signed and must be masked with 0xFFFF once selected.
     """
-    words = tensor.float().abs().reshape(-1).view(torch.int16).view(-1, 2)
+    out = None if scratch is None else scratch[:tensor.numel()].view(tensor.shape)
+    words = torch.abs(tensor.float(), out=out).reshape(-1).view(torch.int16).view(-1, 2)
     return (words[:, 1], words[:, 0]) if sys.byteorder == "little" else (words[:, 0], words[:, 1])
 
 
@@ -69,16 +71,18 @@ def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequen
     num_tasks = len(vectors)
     high = torch.zeros(num_tasks, _HIGH_BINS, dtype=torch.int64, device=device)
     for _, tensors, _ in iter_task_tensors(keys, vectors, device, read_ahead_bytes):
+        scratch = torch.empty(tensors[0].numel(), device=device)
         for t, tensor in enumerate(tensors):
-            high[t] += torch.bincount(magnitude_halves(tensor)[0], minlength=_HIGH_BINS)
+            high[t] += torch.bincount(magnitude_halves(tensor, scratch)[0], minlength=_HIGH_BINS)
     totals = high.sum(dim=1).tolist()
     wanted = [max(1, math.ceil(k * total)) for total in totals]
     bins, ranks = zip(*(_select_from_top(high[t], wanted[t]) if totals[t] else (0, 0) for t in range(num_tasks)))
 
     low = torch.zeros(num_tasks, _LOW_BINS, dtype=torch.int64, device=device)
     for _, tensors, _ in iter_task_tensors(keys, vectors, device, read_ahead_bytes):
+        scratch = torch.empty(tensors[0].numel(), device=device)
         for t, tensor in enumerate(tensors):
-            high_half, low_half = magnitude_halves(tensor)
+            high_half, low_half = magnitude_halves(tensor, scratch)
             in_bin = low_half[high_half == bins[t]].to(torch.int32) & 0xFFFF
             low[t] += torch.bincount(in_bin, minlength=_LOW_BINS)
     thresholds = []
@@ -117,16 +121,17 @@ class Ties(MergeMethod):
             raise RuntimeError("ties: prepare() must run over the same task vectors before merge_tensor()")
         # Fused elementwise ops instead of boolean masks and torch.where, which are several times slower on
         # CPU. hardshrink keeps |x| > λ: with λ the float32 just below the threshold, that is |x| ≥ threshold.
-        # The trimmed τ̂_t are recomputed in the second loop rather than kept: T fewer tensors in memory.
+        # The trimmed τ̂_t are recomputed in the second loop rather than kept, and every τ̂_t lands in the one
+        # ``trimmed`` buffer: four tensors in memory whatever T is, and no allocation per task.
         limits = [_just_below(limit) for limit in thresholds]
-        trim = torch.nn.functional.hardshrink
-        elected = trim(tensors[0], limits[0])
+        elected = torch.hardshrink(tensors[0], limits[0])
+        trimmed = torch.empty_like(elected)
         for tensor, limit in zip(tensors[1:], limits[1:]):
-            elected += trim(tensor, limit)
+            elected += torch.hardshrink(tensor, limit, out=trimmed)
         elected.sign_()
-        magnitude_sum, count, agreeing = torch.zeros_like(elected), torch.zeros_like(elected), torch.empty_like(elected)
+        magnitude_sum, count = torch.zeros_like(elected), torch.zeros_like(elected)
         for tensor, limit in zip(tensors, limits):
-            torch.mul(trim(tensor, limit), elected, out=agreeing).relu_()  # |τ̂_t| where it has the elected sign
+            agreeing = torch.hardshrink(tensor, limit, out=trimmed).mul_(elected).relu_()  # |τ̂_t| where sign = γ
             magnitude_sum += agreeing
             count += agreeing.sign_()
         # γ · Σ|τ̂_t| equals Σ τ̂_t over the agreeing entries exactly (negation is exact)

@@ -42,7 +42,8 @@ class TSV(MatrixMethod):
 
     def merge_matrix(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         if min(tensors[0].shape) < len(tensors):
-            log.warning("tsv: %r has rank < %d tasks; merged by the mean instead", key, len(tensors))
+            # e.g. BERT's 2 × 384 token-type embeddings: too few singular vectors to split, and harmless
+            log.info("tsv: %r has fewer rows or columns than the %d tasks; merged by the mean", key, len(tensors))
             return mean_over_tasks(tensors)
         u, s, v = tsv_factors(tensors)
         return (u * s) @ v.mT
