@@ -127,7 +127,8 @@ def run_child(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = create_random_encoder(tempfile.mkdtemp(prefix="distac-bench-")) if args.tiny else "minilm"
+    # the tiny encoder lives beside the vector, in the parent's scratch directory, and goes with it
+    name = create_random_encoder(f"{args.vector_out}.encoder") if args.tiny else "minilm"
     adapter = build_adapter({"kind": "hf_text", "name_or_path": name, "max_length": args.max_length})
     data = load_task(args.task, root=args.glue_dir, max_train=2000, max_eval=8)
     unlabeled = data.unlabeled(args.num_unlabeled, 0)

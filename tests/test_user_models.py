@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -593,3 +596,18 @@ def test_cli_finetune_and_evaluate_a_task_of_ones_own(hf_models, tiny_encoder, t
     assert main(["evaluate", "--finetuned", str(tmp_path / "ft"), "--data", str(spec),
                  "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["models"][0]["task"] == "reviews"
+
+
+def test_local_copies_of_s3_checkpoints_are_removed_at_exit(hf_models, s3_bucket):
+    """A Hugging Face directory on S3 is copied to a temporary directory for transformers to read; the copy
+    (a whole model's weights) is deleted when the process ends, not left in the temporary directory."""
+    import fsspec
+
+    fsspec.filesystem("s3").put(hf_models["reviews"] + "/", f"{s3_bucket}/models/ft/", recursive=True)
+    script = ("import os, sys\nfrom distac.models.resolve import local_hf_dir\n"
+              "copy = local_hf_dir(sys.argv[1])\nprint(copy, sorted(os.listdir(copy)))\n")
+    result = subprocess.run([sys.executable, "-c", script, f"{s3_bucket}/models/ft"], capture_output=True,
+                            text=True, check=True, env=os.environ.copy())
+    copy, listing = result.stdout.split(" ", 1)
+    assert "config.json" in listing and "model.safetensors" in listing
+    assert not os.path.exists(copy)

@@ -14,9 +14,11 @@ image encoders, read without executing code from it: ``distac.models.pickled``).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -37,7 +39,15 @@ SAME_FAMILY = {"clip_vision_model": "clip"}  # a CLIPVisionModel fine-tune of a 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-_LOCAL_COPIES: dict[str, str] = {}
+_LOCAL_COPIES: dict[str, str] = {}  # s3:// Hugging Face directory → its local copy, removed at exit
+
+
+@atexit.register
+def _remove_local_copies() -> None:
+    """Delete the local copies of remote Hugging Face directories: a model's weights must not outlive the run
+    in the temporary directory."""
+    while _LOCAL_COPIES:
+        shutil.rmtree(_LOCAL_COPIES.popitem()[1], ignore_errors=True)
 
 
 def _exists(uri: str) -> bool:
@@ -117,9 +127,13 @@ def local_hf_dir(uri: str) -> str:
     if uri not in _LOCAL_COPIES:
         fs, path = io.url_to_fs(uri)
         target = tempfile.mkdtemp(prefix="distac-hf-")
-        for remote in fs.ls(path, detail=False):
-            if fs.isfile(remote):
-                fs.get_file(remote, os.path.join(target, remote.rsplit("/", 1)[-1]))
+        try:
+            for remote in fs.ls(path, detail=False):
+                if fs.isfile(remote):
+                    fs.get_file(remote, os.path.join(target, remote.rsplit("/", 1)[-1]))
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
         _LOCAL_COPIES[uri] = target
     return _LOCAL_COPIES[uri]
 
