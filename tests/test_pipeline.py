@@ -311,3 +311,23 @@ def test_ctrl_c_stops_the_run_marks_its_runs_killed_and_leaves_no_process(make_t
     statuses = {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert statuses and "RUNNING" not in statuses.values() and "KILLED" in statuses.values()
     assert "Traceback" not in output
+
+
+def test_conditioned_sources_benchmark_matches_the_runs_own_measurements(finished):
+    """benchmarks/conditioned_sources.py re-measures a finished run's conditioned tasks: on the run's own
+    subsample it reproduces the pipeline's numbers exactly; on every held-out example it sees more data."""
+    from benchmarks.conditioned_sources import format_table, measure
+
+    _, path, params = finished
+    store = RunStore.of(params)
+    rows = measure(str(path))
+    assert list(rows) == store.conditioned_tasks() and rows
+    for task, measured in rows.items():
+        source, student = measured["source"], measured["conditioned"]
+        assert source["subsample"]["validation"][0] == pytest.approx(
+            100 * store.finetune_metrics(task)["validation_accuracy"], abs=1e-4)
+        assert student["subsample"]["validation"][0] == pytest.approx(
+            100 * store.condition_summary(task)["validation_accuracy"], abs=1e-4)
+        for split in ("validation", "test"):
+            assert student["all"][split][1] >= student["subsample"][split][1] == source["subsample"][split][1]
+    assert format_table(rows).count("| pooled |") == 2 * len(rows)
