@@ -18,6 +18,9 @@ from distac.errors import ConfigError, MismatchError
 from distac.merging.linalg import mean_over_tasks
 from distac.vectors import TaskVector, select_keys
 
+READ_AHEAD_BYTES = 1 << 30  # the most float32 input bytes of one key read ahead of the merge
+
+
 @dataclass(frozen=True)
 class TensorParts:
     """What a per-task method (EMR) returns for one tensor: the shared vector and each task's mask."""
@@ -44,7 +47,7 @@ class MergeMethod:
     has_alpha: ClassVar[bool] = False  # True when the result is α·merge(...): an ``alpha`` field scales it
 
     def prepare(self, vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
-                device: torch.device, read_ahead_bytes: int = 0) -> None:
+                device: torch.device, read_ahead_bytes: int = READ_AHEAD_BYTES) -> None:
         """A first pass over all tensors for whole-model quantities (TIES threshold); ``read_ahead_bytes``
         as in ``iter_task_tensors``."""
 
@@ -130,9 +133,6 @@ def load_tensors(key: str, vectors: Sequence[Mapping[str, torch.Tensor]],
             raise MismatchError(f"tensor {key!r}: dtype {tensor.dtype} in task vector {i}, "
                                 f"{tensors[0].dtype} in task vector 0")
     return [t.to(device=device, dtype=torch.float32) for t in tensors], tensors[0].dtype
-
-
-READ_AHEAD_BYTES = 1 << 30  # the most float32 input bytes of one key read ahead of the merge
 
 
 def input_bytes(key: str, vectors: Sequence[Mapping[str, torch.Tensor]]) -> int | None:
