@@ -44,13 +44,13 @@ def measure(params_path: str) -> dict:
     rows = {}
     for task in store.conditioned_tasks():
         loaded = store.task_model(task)
-        conditioned = store.conditioned_vector(task)
+        samples = {"subsample": task_data(params, task), "all": task_data(everything, task)}  # loaded once
         measured = {}
-        for model_name, vector in (("source", None), ("conditioned", conditioned)):
+        for model_name, vector in (("source", None), ("conditioned", store.conditioned_vector(task))):
             if vector is not None:
                 loaded.model.load_backbone(vector.apply_to(pretrained))
-            measured[model_name] = {"subsample": accuracies(loaded.model, task_data(params, task), loaded.adapter.collate),
-                                    "all": accuracies(loaded.model, task_data(everything, task), loaded.adapter.collate)}
+            measured[model_name] = {sample: accuracies(loaded.model, data, loaded.adapter.collate)
+                                    for sample, data in samples.items()}
         rows[task] = measured
     return rows
 
