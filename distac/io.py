@@ -152,11 +152,18 @@ class _SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return _DTYPES[self._entries[key]["dtype"]]
 
-    def read(self, key: str) -> torch.Tensor:
-        """A new tensor the caller owns (and may modify in place)."""
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A new tensor the caller owns (and may modify in place), or the tensor read into ``out``
+        (contiguous, the entry's dtype and number of elements) and returned in the entry's shape."""
         entry = self._entries[key]
         start, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        if out is None:
+            tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        elif out.dtype != _DTYPES[entry["dtype"]] or not out.is_contiguous() or out.numel() != math.prod(entry["shape"]):
+            raise ValueError(f"{self.uri}: cannot read tensor {key!r} ({entry['dtype']}, shape {entry['shape']}) "
+                             f"into a {out.dtype} buffer of {out.numel()} elements")
+        else:
+            tensor = out.view(entry["shape"])
         if end == start:
             return tensor
         target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -235,11 +242,19 @@ class CheckpointReader(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         if self._tensors is not None:
             return self._tensors[key]
+        return self._file(key).read(key)
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """The tensor read straight into ``out`` (contiguous, its dtype and number of elements), shaped."""
+        if self._tensors is not None:
+            return out.view(self._tensors[key].shape).copy_(self._tensors[key])
+        return self._file(key).read(key, out)
+
+    def _file(self, key: str) -> _SafetensorsFile:
         try:
-            source = self._files[key]
+            return self._files[key]
         except KeyError:
             raise KeyError(f"{key!r} is not in checkpoint {self.uri}") from None
-        return source.read(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._order)

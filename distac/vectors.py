@@ -266,6 +266,21 @@ class LazyTaskVector(Mapping[str, torch.Tensor]):
         return difference(key, self.pretrained[key], self.finetuned[key], self.name,
                           in_place=getattr(self.finetuned, "fresh_reads", False))
 
+    def load_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """τ for ``key`` in ``out`` (float32, contiguous, the tensor's number of elements), returned shaped.
+
+        A float32 fine-tuned file is read straight into ``out`` and θ_pre subtracted there: no allocation, so
+        a merge that reuses its buffers from key to key does not page-fault fresh memory for every tensor.
+        Any other dtype is differenced in its own dtype and converted, exactly as ``self[key]`` then ``.float()``.
+        """
+        if key not in self._keys:
+            raise KeyError(key)
+        read_into = getattr(self.finetuned, "read_into", None)
+        if read_into is None or self.dtype(key) != out.dtype:
+            tau = self[key]
+            return out.view(tau.shape).copy_(tau)
+        return difference(key, self.pretrained[key], read_into(key, out), self.name, in_place=True)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
@@ -279,3 +294,8 @@ class LazyTaskVector(Mapping[str, torch.Tensor]):
         """The tensor's shape from the fine-tuned checkpoint's metadata, or None where it has none."""
         shape = getattr(self.finetuned, "shape", None)
         return tuple(shape(key)) if callable(shape) else None
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        """The fine-tuned tensor's dtype from metadata, or None where there is none."""
+        dtype = getattr(self.finetuned, "dtype", None)
+        return dtype(key) if callable(dtype) else None

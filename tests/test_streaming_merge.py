@@ -339,6 +339,52 @@ def test_the_next_key_is_read_while_the_current_one_is_merged(safetensors_inputs
     assert first == [] and [key for key, _, _ in rest] == keys[1:]
 
 
+def test_lazy_inputs_load_into_two_alternating_buffers(tmp_path):
+    """float32 checkpoints are read straight into one of two buffers that alternate from key to key; other
+    dtypes are differenced in their own dtype and converted; either way the values are those of ``v[key]``."""
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        pre = {k: v.to(dtype) if v.is_floating_point() else v for k, v in small_state().items()}
+        io.save_state_dict(pre, tmp_path / f"pre-{dtype}.safetensors")
+        vectors = []
+        for task in range(2):
+            io.save_state_dict(perturbed(pre, task + 1), tmp_path / f"ft{task}-{dtype}.safetensors")
+            vectors.append(LazyTaskVector.from_checkpoints(tmp_path / f"pre-{dtype}.safetensors",
+                                                           tmp_path / f"ft{task}-{dtype}.safetensors"))
+        keys = list(vectors[0])
+        storages = []
+        for key, tensors, original in iter_task_tensors(keys, vectors, cpu):
+            assert original == dtype
+            for vector, tensor in zip(vectors, tensors):
+                assert tensor.dtype == torch.float32 and torch.equal(tensor, vector[key].float())
+            storages.append({t.untyped_storage().data_ptr() for t in tensors})
+        assert all(len(s) == 1 for s in storages)  # every task's tensor of a key lies in one buffer ...
+        assert storages[0] != storages[1] and storages[0::2] == [storages[0]] * len(storages[0::2])  # ... of two
+    reader = io.open_checkpoint(tmp_path / "pre-torch.float32.safetensors")
+    with pytest.raises(ValueError, match="cannot read tensor 'block.0.bias'"):
+        reader.read_into("block.0.bias", torch.empty(13))
+
+
+def test_a_result_that_views_its_inputs_is_copied_before_they_are_reused(safetensors_inputs, tmp_path):
+    """The engine's input buffers are refilled two keys later: a method may return a view of its inputs."""
+    from distac.merging import collect
+    from distac.merging.base import MergeMethod
+
+    class FirstTask(MergeMethod):
+        name = "first_task"
+
+        def merge_tensor(self, key, tensors):
+            return tensors[0].view(-1).view(tensors[0].shape)
+
+    pre, pre_uri = safetensors_inputs
+    finetuned = []
+    for task in range(2):
+        io.save_state_dict(perturbed(pre, task + 1), tmp_path / f"ft{task}.safetensors")
+        finetuned.append(LazyTaskVector.from_checkpoints(pre_uri, tmp_path / f"ft{task}.safetensors"))
+    merged = collect(FirstTask(), finetuned, device="cpu")
+    assert all(torch.equal(merged.vector[key], finetuned[0][key]) for key in finetuned[0])
+
+
 def test_a_read_error_surfaces_at_its_key_and_closing_early_stops_reading(safetensors_inputs, tmp_path):
     pre, pre_uri = safetensors_inputs
     io.save_state_dict({**perturbed(pre, 1), "block.1.weight": torch.zeros(8, 12).half()}, tmp_path / "bad.safetensors")

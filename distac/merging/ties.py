@@ -70,8 +70,9 @@ def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequen
     """Per task vector, the exact ⌈k·N⌉-th largest magnitude over all its tensors (two passes)."""
     num_tasks = len(vectors)
     high = torch.zeros(num_tasks, _HIGH_BINS, dtype=torch.int64, device=device)
+    scratch = torch.empty(0, device=device)  # |τ|, reused from key to key
     for _, tensors, _ in iter_task_tensors(keys, vectors, device, read_ahead_bytes):
-        scratch = torch.empty(tensors[0].numel(), device=device)
+        scratch = scratch if scratch.numel() >= tensors[0].numel() else torch.empty(tensors[0].numel(), device=device)
         for t, tensor in enumerate(tensors):
             high[t] += torch.bincount(magnitude_halves(tensor, scratch)[0], minlength=_HIGH_BINS)
     totals = high.sum(dim=1).tolist()
@@ -80,7 +81,7 @@ def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequen
 
     low = torch.zeros(num_tasks, _LOW_BINS, dtype=torch.int64, device=device)
     for _, tensors, _ in iter_task_tensors(keys, vectors, device, read_ahead_bytes):
-        scratch = torch.empty(tensors[0].numel(), device=device)
+        scratch = scratch if scratch.numel() >= tensors[0].numel() else torch.empty(tensors[0].numel(), device=device)
         for t, tensor in enumerate(tensors):
             high_half, low_half = magnitude_halves(tensor, scratch)
             in_bin = low_half[high_half == bins[t]].to(torch.int32) & 0xFFFF
@@ -122,17 +123,26 @@ class Ties(MergeMethod):
         # Fused elementwise ops instead of boolean masks and torch.where, which are several times slower on
         # CPU. hardshrink keeps |x| > λ: with λ the float32 just below the threshold, that is |x| ≥ threshold.
         # The trimmed τ̂_t are recomputed in the second loop rather than kept, and every τ̂_t lands in the one
-        # ``trimmed`` buffer: four tensors in memory whatever T is, and no allocation per task.
+        # ``trimmed`` buffer: four tensors in memory whatever T is, three of them reused from key to key.
         limits = [_just_below(limit) for limit in thresholds]
-        elected = torch.hardshrink(tensors[0], limits[0])
-        trimmed = torch.empty_like(elected)
+        elected, trimmed, count = self._scratch(tensors[0])
+        torch.hardshrink(tensors[0], limits[0], out=elected)
         for tensor, limit in zip(tensors[1:], limits[1:]):
             elected += torch.hardshrink(tensor, limit, out=trimmed)
         elected.sign_()
-        magnitude_sum, count = torch.zeros_like(elected), torch.zeros_like(elected)
+        magnitude_sum = torch.zeros_like(elected)
+        count.zero_()
         for tensor, limit in zip(tensors, limits):
             agreeing = torch.hardshrink(tensor, limit, out=trimmed).mul_(elected).relu_()  # |τ̂_t| where sign = γ
             magnitude_sum += agreeing
             count += agreeing.sign_()
         # γ · Σ|τ̂_t| equals Σ τ̂_t over the agreeing entries exactly (negation is exact)
         return magnitude_sum.mul_(elected).mul_(self.alpha).div_(count.clamp_(min=1))
+
+    def _scratch(self, like: torch.Tensor) -> list[torch.Tensor]:
+        """Three float32 tensors shaped like ``like``, views of buffers kept from key to key: fresh memory for
+        every tensor is page-faulted in again, which costs more than the arithmetic on it."""
+        buffers = getattr(self, "_buffers", None)
+        if buffers is None or buffers.shape[1] < like.numel() or buffers.device != like.device:
+            self._buffers = buffers = torch.empty(3, like.numel(), device=like.device)
+        return [buffer[:like.numel()].view(like.shape) for buffer in buffers]
