@@ -226,3 +226,28 @@ def test_emr_zero_entries_stay_positive_zero():
     tasks = [{"w": torch.zeros(64)}, {"w": torch.zeros(64)}]
     unified = merge("emr", tasks).vector["w"]
     assert torch.equal(torch.signbit(unified), torch.ones(64, dtype=torch.bool))  # Σ = 0 elects −1
+
+
+def test_the_cpu_eigensolver_uses_as_many_blas_threads_as_torch(monkeypatch):
+    """SciPy's BLAS would take every core; the Gram route keeps it to torch's thread count."""
+    import scipy.linalg
+    from threadpoolctl import threadpool_info
+
+    from distac.merging import linalg
+
+    seen = []
+    real_eigh = scipy.linalg.eigh
+
+    def recording_eigh(*args, **kwargs):
+        seen.extend(info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas")
+        return real_eigh(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "eigh", recording_eigh)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        u, s, v = linalg.top_svd(torch.randn(30, 20, generator=torch.Generator().manual_seed(0)), 3)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}
+    assert u.shape == (30, 3) and s.shape == (3,) and v.shape == (20, 3)
