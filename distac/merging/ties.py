@@ -65,6 +65,11 @@ def _bits_to_float(bits: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
+def _at_least(buffer: torch.Tensor, numel: int) -> torch.Tensor:
+    """``buffer`` if it holds ``numel`` entries, else a new one that does (reused from key to key)."""
+    return buffer if buffer.numel() >= numel else torch.empty(numel, device=buffer.device)
+
+
 def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str], k: float,
                      device: torch.device, read_ahead_bytes: int = READ_AHEAD_BYTES) -> list[float]:
     """Per task vector, the exact ⌈k·N⌉-th largest magnitude over all its tensors (two passes)."""
@@ -72,7 +77,7 @@ def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequen
     high = torch.zeros(num_tasks, _HIGH_BINS, dtype=torch.int64, device=device)
     scratch = torch.empty(0, device=device)  # |τ|, reused from key to key
     for _, tensors, _ in iter_task_tensors(keys, vectors, device, read_ahead_bytes):
-        scratch = scratch if scratch.numel() >= tensors[0].numel() else torch.empty(tensors[0].numel(), device=device)
+        scratch = _at_least(scratch, tensors[0].numel())
         for t, tensor in enumerate(tensors):
             high[t] += torch.bincount(magnitude_halves(tensor, scratch)[0], minlength=_HIGH_BINS)
     totals = high.sum(dim=1).tolist()
@@ -81,7 +86,7 @@ def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequen
 
     low = torch.zeros(num_tasks, _LOW_BINS, dtype=torch.int64, device=device)
     for _, tensors, _ in iter_task_tensors(keys, vectors, device, read_ahead_bytes):
-        scratch = scratch if scratch.numel() >= tensors[0].numel() else torch.empty(tensors[0].numel(), device=device)
+        scratch = _at_least(scratch, tensors[0].numel())
         for t, tensor in enumerate(tensors):
             high_half, low_half = magnitude_halves(tensor, scratch)
             in_bin = low_half[high_half == bins[t]].to(torch.int32) & 0xFFFF
