@@ -38,7 +38,9 @@ class MergeMethod:
     """A merge method. Subclasses are dataclasses whose fields are the method's hyperparameters.
 
     The engine calls ``prepare`` once (only when ``needs_first_pass``), then ``merge_tensor`` once per
-    tensor with the T task tensors in float32 on the compute device, then ``finish``.
+    tensor with the T task tensors in float32 on the compute device, then ``finish``. The task tensors are
+    valid during that call only (streaming reuses their memory): keep numbers from them, not the tensors; a
+    returned view of them is copied by the engine.
     """
 
     name: ClassVar[str]
