@@ -81,3 +81,14 @@ def test_goal_table_gives_each_seeds_cost_and_recovery_and_the_task_that_lost_mo
     # norm mismatch: as-is −6.0 / −4.0, DisTaC −2.3 / −2.0; the largest per-task loss: sst2 −6 then cola −6
     assert cells[1:4] == ["-6.0 / -4.0", "-2.3 / -2.0", "sst2 -6.0; cola -6.0"]
     assert set(cells[4:]) == {"–"}  # the other settings have not run
+
+
+def test_a_source_recipe_is_measured_on_every_held_out_example():
+    """benchmarks/source_recipe.py scores a recipe on the whole validation and test splits (855 and 1043 CoLA
+    examples), not the benchmark's 250-example subsamples, against each split's majority-class rate."""
+    from benchmarks.source_recipe import measure
+
+    rows = measure("cola", lr=5e-5, steps=2, weight_decay=0.0, setting="original", seed=0)
+    assert [(row["split"], row["examples"]) for row in rows] == [("validation", 855), ("test", 1043)]
+    assert rows[1]["majority"] == 69.1  # 721 of 1043 acceptable sentences
+    assert all(0 <= row["accuracy"] <= 100 and -1 <= row["mcc"] <= 1 for row in rows)
