@@ -130,7 +130,7 @@ def load_tensors(key: str, vectors: Sequence[Mapping[str, torch.Tensor]], device
     With a flat float32 CPU ``buffer`` of at least T × numel elements, lazy task vectors load into
     consecutive slices of it (the returned tensors are views of ``buffer``) instead of fresh memory.
     """
-    if buffer is not None and device.type == "cpu" and all(isinstance(v, LazyTaskVector) for v in vectors):
+    if buffer is not None and _loads_into_buffers(vectors, device):
         shapes, dtypes = [v.shape(key) for v in vectors], [v.dtype(key) for v in vectors]
         if None not in shapes and None not in dtypes:
             _check_alike(key, shapes, dtypes)
@@ -140,6 +140,11 @@ def load_tensors(key: str, vectors: Sequence[Mapping[str, torch.Tensor]], device
     tensors = [vector[key] for vector in vectors]
     _check_alike(key, [t.shape for t in tensors], [t.dtype for t in tensors])
     return [t.to(device=device, dtype=torch.float32) for t in tensors], tensors[0].dtype
+
+
+def _loads_into_buffers(vectors: Sequence[Mapping[str, torch.Tensor]], device: torch.device) -> bool:
+    """Whether ``load_tensors`` can fill a caller's buffer: lazy task vectors, computed on the CPU."""
+    return device.type == "cpu" and all(isinstance(v, LazyTaskVector) for v in vectors)
 
 
 def _check_alike(key: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype]) -> None:
@@ -209,7 +214,7 @@ def _alternating_buffers(keys: Sequence[str], vectors: Sequence[Mapping[str, tor
     """Two flat float32 buffers, each the size of the largest key's T inputs within ``budget``, for lazy
     task vectors on the CPU (None otherwise). Reused from key to key, their pages are faulted in once
     instead of once per tensor: fresh memory for every input tensor costs a merge up to a third of its time."""
-    if device.type != "cpu" or budget <= 0 or not all(isinstance(v, LazyTaskVector) for v in vectors):
+    if budget <= 0 or not _loads_into_buffers(vectors, device):
         return None
     sizes = [size for size in (input_bytes(key, vectors) for key in keys) if size is not None and size <= budget]
     if not sizes:

@@ -65,9 +65,13 @@ def _bits_to_float(bits: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
-def _at_least(buffer: torch.Tensor, numel: int) -> torch.Tensor:
-    """``buffer`` if it holds ``numel`` entries, else a new one that does (reused from key to key)."""
-    return buffer if buffer.numel() >= numel else torch.empty(numel, device=buffer.device)
+def _at_least(buffer: torch.Tensor | None, numel: int, device: torch.device) -> torch.Tensor:
+    """``buffer`` if it holds ``numel`` float32 entries on ``device``, else a new one that does: buffers kept
+    from key to key, since fresh memory for every tensor is page-faulted in again, which costs more than the
+    arithmetic on it."""
+    if buffer is not None and buffer.numel() >= numel and buffer.device == device:
+        return buffer
+    return torch.empty(numel, device=device)
 
 
 def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str], k: float,
@@ -75,9 +79,9 @@ def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequen
     """Per task vector, the exact ⌈k·N⌉-th largest magnitude over all its tensors (two passes)."""
     num_tasks = len(vectors)
     high = torch.zeros(num_tasks, _HIGH_BINS, dtype=torch.int64, device=device)
-    scratch = torch.empty(0, device=device)  # |τ|, reused from key to key
+    scratch = None  # |τ|, reused from key to key
     for _, tensors, _ in iter_task_tensors(keys, vectors, device, read_ahead_bytes):
-        scratch = _at_least(scratch, tensors[0].numel())
+        scratch = _at_least(scratch, tensors[0].numel(), tensors[0].device)
         for t, tensor in enumerate(tensors):
             high[t] += torch.bincount(magnitude_halves(tensor, scratch)[0], minlength=_HIGH_BINS)
     totals = high.sum(dim=1).tolist()
@@ -86,7 +90,7 @@ def top_k_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keys: Sequen
 
     low = torch.zeros(num_tasks, _LOW_BINS, dtype=torch.int64, device=device)
     for _, tensors, _ in iter_task_tensors(keys, vectors, device, read_ahead_bytes):
-        scratch = _at_least(scratch, tensors[0].numel())
+        scratch = _at_least(scratch, tensors[0].numel(), tensors[0].device)
         for t, tensor in enumerate(tensors):
             high_half, low_half = magnitude_halves(tensor, scratch)
             in_bin = low_half[high_half == bins[t]].to(torch.int32) & 0xFFFF
@@ -145,9 +149,7 @@ class Ties(MergeMethod):
         return magnitude_sum.mul_(elected).mul_(self.alpha).div_(count.clamp_(min=1))
 
     def _scratch(self, like: torch.Tensor) -> list[torch.Tensor]:
-        """Three float32 tensors shaped like ``like``, views of buffers kept from key to key: fresh memory for
-        every tensor is page-faulted in again, which costs more than the arithmetic on it."""
-        buffers = getattr(self, "_buffers", None)
-        if buffers is None or buffers.shape[1] < like.numel() or buffers.device != like.device:
-            self._buffers = buffers = torch.empty(3, like.numel(), device=like.device)
-        return [buffer[:like.numel()].view(like.shape) for buffer in buffers]
+        """Three float32 tensors shaped like ``like``, views of one buffer kept from key to key."""
+        numel = like.numel()
+        self._buffer = _at_least(getattr(self, "_buffer", None), 3 * numel, like.device)
+        return [part.view(like.shape) for part in self._buffer[:3 * numel].view(3, numel)]
