@@ -29,6 +29,11 @@ def accuracies(model, data, collate) -> dict[str, tuple[float, int]]:
             for split in ("validation", "test")}
 
 
+def every_held_out_example(params):
+    """``params`` with no cap on the validation and test examples (``data.max_eval``)."""
+    return params.model_copy(update={"data": params.data.model_copy(update={"max_eval": None})})
+
+
 def measure(params_path: str) -> dict:
     import torch
 
@@ -38,7 +43,7 @@ def measure(params_path: str) -> dict:
 
     torch.set_num_threads(1)
     params = load_params(params_path)
-    everything = params.model_copy(update={"data": params.data.model_copy(update={"max_eval": None})})
+    everything = every_held_out_example(params)
     store = RunStore.of(params)
     pretrained = store.pretrained_backbone()
     rows = {}

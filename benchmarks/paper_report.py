@@ -22,6 +22,12 @@ def _read(store: RunStore, made: StageRef, name: str) -> Any | None:
         return None
 
 
+def majority_rate(examples) -> float:
+    """The accuracy of always predicting the most frequent label of ``examples``."""
+    labels = [example.label for example in examples]
+    return max(labels.count(label) for label in set(labels)) / len(labels)
+
+
 def _diagnostics(params) -> dict[str, dict[str, Any]]:
     """Per task: ‖τ‖, its ratio to the smallest, the source model's mean max-probability and accuracy."""
     store = RunStore.of(params)
@@ -30,8 +36,7 @@ def _diagnostics(params) -> dict[str, dict[str, Any]]:
     flags = {t["name"]: t["flags"] for t in store.diagnosis()["tasks"]}
     out = {}
     for task in params.task_names:
-        labels = [example.label for example in task_data(params, task).test]
-        majority = max(labels.count(label) for label in set(labels)) / len(labels)
+        majority = majority_rate(task_data(params, task).test)
         metrics = store.finetune_metrics(task)
         recipe = params.recipe(task).model_dump()
         changed = {k: v for k, v in recipe.items() if v != params.finetune.model_dump()[k]}

@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 def measure(task: str, lr: float, steps: int, weight_decay: float, setting: str, seed: int) -> list[dict]:
     import torch
 
+    from benchmarks.conditioned_sources import every_held_out_example
+    from benchmarks.paper_report import majority_rate
     from benchmarks.paper_repro import load_plan, loaded_params
     from distac.evaluation import evaluate_task
     from distac.models import build_adapter
@@ -31,8 +33,7 @@ def measure(task: str, lr: float, steps: int, weight_decay: float, setting: str,
 
     torch.set_num_threads(1)
     params = loaded_params(load_plan(), setting, seed)
-    everything = params.model_copy(update={"data": params.data.model_copy(update={"max_eval": None})})
-    data = task_data(everything, task)
+    data = task_data(every_held_out_example(params), task)
     adapter = build_adapter(params.model.adapter_spec())
     base = params.finetune
     recipe = FinetuneRecipe(lr=lr, steps=steps, batch_size=base.batch_size, weight_decay=weight_decay,
@@ -44,8 +45,7 @@ def measure(task: str, lr: float, steps: int, weight_decay: float, setting: str,
     rows = []
     for split in ("validation", "test"):
         examples = getattr(data, split)
-        labels = [example.label for example in examples]
-        majority = max(labels.count(label) for label in set(labels)) / len(labels)
+        majority = majority_rate(examples)
         evaluation = evaluate_task(model, examples, adapter.collate)
         rows.append({"task": task, "lr": lr, "steps": steps, "weight_decay": weight_decay, "setting": setting,
                      "seed": seed, "split": split, "examples": len(examples),
