@@ -41,6 +41,7 @@ def _stop_now(signum: int, frame) -> None:
     stop_children()
     kill_open_runs()
     _release_locks()
+    _mark_flow_runs_cancelled()
     _stop_prefect_server()
     logging.shutdown()
     os._exit(INTERRUPTED)
@@ -53,15 +54,46 @@ def _release_locks() -> None:
         lock.release()
 
 
+def _mark_flow_runs_cancelled() -> None:
+    """Record in Prefect that the interrupted flow run and the flow runs above it (a sub-flow's parents) were
+    cancelled; otherwise its UI shows them running forever. The signal handler runs in the main thread,
+    inside the innermost flow run's context."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.context import FlowRunContext
+        from prefect.states import Cancelled
+    except ImportError:
+        return
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            flow_run = context.flow_run
+            while flow_run is not None:
+                client.set_flow_run_state(flow_run.id, Cancelled(message="interrupted by the user"), force=True)
+                parent_task_run = flow_run.parent_task_run_id
+                flow_run = (client.read_flow_run(client.read_task_run(parent_task_run).flow_run_id)
+                            if parent_task_run else None)
+    except Exception as exc:  # noqa: BLE001 (best effort while stopping)
+        log.warning("could not mark the Prefect flow runs cancelled: %s", exc)
+
+
 def _stop_prefect_server() -> None:
-    """Stop the temporary Prefect API server this process started (if any)."""
+    """Stop the temporary Prefect API server this process started (if any). It is killed outright: a
+    graceful stop cancels the event flushes it has in flight and Prefect prints a page of tracebacks for
+    each. Flow and task run states are already written; SQLite keeps its database consistent either way."""
     try:
         from prefect.server.api.server import SubprocessASGIServer
     except ImportError:
         return
     for server in list(SubprocessASGIServer._instances.values()):
+        process = server.server_process
+        if process is None:
+            continue
         try:
-            server.stop()
+            process.kill()
+            process.wait(timeout=5)
         except Exception:  # noqa: BLE001 (best effort while stopping)
             pass
 

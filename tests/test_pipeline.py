@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -311,6 +313,11 @@ def test_ctrl_c_stops_the_run_marks_its_runs_killed_and_leaves_no_process(make_t
     statuses = {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert statuses and "RUNNING" not in statuses.values() and "KILLED" in statuses.values()
     assert "Traceback" not in output
+    flow_runs = re.findall(r"Beginning (?:sub)?flow run '([^']+)'", "".join(lines) + output)
+    with sqlite3.connect(Path(os.environ["PREFECT_HOME"]) / "prefect.db") as prefect_db:
+        states = prefect_db.execute(f"SELECT state_type FROM flow_run WHERE name IN ({','.join('?' * len(flow_runs))})",
+                                    flow_runs).fetchall()
+    assert len(flow_runs) == 2 and states == [("CANCELLED",)] * 2  # the pipeline and its stages sub-flow
 
 
 def test_conditioned_sources_benchmark_matches_the_runs_own_measurements(finished):
