@@ -363,6 +363,16 @@ def timings_markdown(timings: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + f"\n\nSum of the flow runs' wall times: {total / 60:.1f} min.\n"
 
 
+def schedule_markdown(schedule: dict[str, Any] | None) -> str:
+    """The whole benchmark's wall time when ``all`` ran its steps side by side."""
+    if not schedule:
+        return ""
+    slowest = sorted(schedule["job_seconds"].items(), key=lambda item: -item[1])[:3]
+    return (f"The whole benchmark (`all --jobs {schedule['jobs']}`, {schedule['cpus']} CPUs, finished "
+            f"{schedule['finished_at']}): **{schedule['wall_seconds'] / 60:.1f} min** wall. Longest jobs: "
+            + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in slowest) + ".\n")
+
+
 def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str, Any]:
     runs = collect_runs(plan)
     if not runs:
@@ -377,7 +387,8 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
     plot_headline(table, results / "headline.png")
     sections = [
         f"# Paper reproduction at small scale: MiniLM on {len(tasks)} GLUE tasks ({', '.join(tasks)})\n",
-        "Command: `python -m benchmarks.paper_repro all`, or its steps one by one: "
+        "Command: `python -m benchmarks.paper_repro all` (every flow and study in its own process, three at a "
+        "time), or its steps one by one: "
         f"{' and '.join(f'`run --seed {seed}`' for seed in plan['seeds'])} "
         "(side by side, each setting a Prefect flow run), then `sweep`, `calibration`, `convergence`, `report` "
         f"(this file was written by `{command}`; settings: `benchmarks/paper/settings.yaml`, base params: "
@@ -391,8 +402,9 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
         "## CoLA: Matthews correlation (GLUE's metric) of the merged models\n", mcc_markdown(plan, runs),
         "## DisTaC runs\n", conditioning_markdown(runs),
     ]
-    if timings:
-        sections += ["## Wall time\n", timings_markdown(timings)]
+    schedule = _load(results / "schedule.json")
+    if timings or schedule:
+        sections += ["## Wall time\n", schedule_markdown(schedule), timings_markdown(timings or [])]
     if convergence:
         plot_convergence(convergence, results / "convergence.png")
         sections += ["## DisTaC convergence (seed 0)\n", convergence_markdown(convergence),

@@ -6,7 +6,7 @@ the two guidelines are measured on seed 0 (a κ sweep; overconfident → merge �
 soft sources) and everything is collected into ``benchmarks/results/paper/``: the tables (markdown, JSON),
 the plots and the command that produced them.
 
-    .venv/bin/python -m benchmarks.paper_repro all                 # everything, seeds one after the other
+    .venv/bin/python -m benchmarks.paper_repro all                 # everything, three processes side by side
     .venv/bin/python -m benchmarks.paper_repro run --seed 1        # one seed's three flows (run seeds side by side)
     .venv/bin/python -m benchmarks.paper_repro sweep | calibration | convergence | report
 """
@@ -113,6 +113,20 @@ def record_timing(plan: dict[str, Any], entry: dict[str, Any]) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = json.loads(path.read_text()) if path.exists() else []
         path.write_text(json.dumps([*done, entry], indent=1))
+
+
+def run_side_by_side(plan: dict[str, Any], results: Path, width: int) -> None:
+    """Every flow and study as its own process, ``width`` at a time (``benchmarks/paper_schedule.py``); the
+    whole benchmark's wall time goes to ``<results>/schedule.json`` and the flows' to a new ``timings.json``."""
+    from benchmarks.paper_schedule import plan_jobs, run_jobs
+
+    (results / "timings.json").unlink(missing_ok=True)
+    started = time.perf_counter()
+    seconds = run_jobs(plan_jobs(plan, settings_for), width, REPO / plan["root"], REPO)
+    (results / "schedule.json").write_text(json.dumps(
+        {"jobs": width, "wall_seconds": round(time.perf_counter() - started, 1), "job_seconds": seconds,
+         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average": os.getloadavg(),
+         "cpus": os.cpu_count()}, indent=1))
 
 
 # --------------------------------------------------------------------------------------------- guidelines
@@ -274,11 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, action="append", help="seed(s) for 'run' (default: all)")
     parser.add_argument("--setting", action="append", help="only these settings, for 'run' (default: all)")
     parser.add_argument("--settings", type=Path, default=SETTINGS_FILE)
+    parser.add_argument("--jobs", type=int, default=3,
+                        help="for 'all': flows and studies run side by side, each in its own process (default: 3; "
+                             "1 runs every step in this process, one after the other)")
     args = parser.parse_args(argv)
     os.chdir(REPO)
     plan = load_plan(args.settings)
     results = REPO / plan["results"]
     results.mkdir(parents=True, exist_ok=True)
+    if args.step == "all" and args.jobs > 1:
+        run_side_by_side(plan, results, args.jobs)
+        args.step = "report"
     if args.step in ("all", "run"):
         for seed in args.seed or plan["seeds"]:
             run_seed(plan, seed, args.setting)
