@@ -27,9 +27,14 @@ MINUTES = {"original": 35, "norm_mismatch": 25, "low_confidence": 45, "low_confi
 @dataclass
 class Job:
     name: str
-    args: list[str]
+    command: list[str]
     after: list[str] = field(default_factory=list)
     minutes: float = 10
+
+
+def step(*args: str) -> list[str]:
+    """The command that runs one step of the benchmark."""
+    return [sys.executable, "-m", "benchmarks.paper_repro", *args]
 
 
 def flow_job(seed: int, setting: str) -> str:
@@ -46,14 +51,14 @@ def plan_jobs(plan: dict[str, Any], settings_for) -> list[Job]:
         for setting in settings_for(plan, seed):
             spec = plan["settings"][setting]
             reads = [] if setting == "original" else ["original", *spec.get("reuse", [])]
-            flows.append(Job(flow_job(seed, setting), ["run", "--seed", str(seed), "--setting", setting],
+            flows.append(Job(flow_job(seed, setting), step("run", "--seed", str(seed), "--setting", setting),
                              [flow_job(seed, name) for name in reads], MINUTES.get(setting, 10)))
     sources = {source["setting"] for source in plan["kappa_sweep"]["sources"]}
     studies = [
-        Job("kappa-sweep", ["sweep"], [flow_job(first, name) for name in sorted(sources)], MINUTES["sweep"]),
-        Job("convergence", ["convergence"],
+        Job("kappa-sweep", step("sweep"), [flow_job(first, name) for name in sorted(sources)], MINUTES["sweep"]),
+        Job("convergence", step("convergence"),
             [flow_job(first, source["setting"]) for source in plan["convergence"]["sources"]], MINUTES["convergence"]),
-        Job("calibration", ["calibration"], [flow_job(first, "original"), flow_job(first, "low_confidence")],
+        Job("calibration", step("calibration"), [flow_job(first, "original"), flow_job(first, "low_confidence")],
             MINUTES["calibration"]),
     ]
     jobs = flows + studies
@@ -66,7 +71,7 @@ def _minutes_to_end(job: Job, jobs: list[Job]) -> float:
     return job.minutes + max((_minutes_to_end(other, jobs) for other in waiting), default=0)
 
 
-def run_jobs(jobs: list[Job], width: int, root: Path, repo: Path) -> dict[str, float]:
+def run_jobs(jobs: list[Job], width: int, root: Path, repo: Path, poll_seconds: float = 2.0) -> dict[str, float]:
     """Run ``jobs`` at most ``width`` at a time, each after the jobs it names; returns each one's seconds.
     Stops (and stops the running jobs) at the first failure."""
     logs = root / "logs"
@@ -79,7 +84,7 @@ def run_jobs(jobs: list[Job], width: int, root: Path, repo: Path) -> dict[str, f
                 waiting.remove(job)
                 running[job.name] = (_start(job, root, repo, logs), time.perf_counter())
                 _say(started_all, f"started {job.name}")
-            time.sleep(2)
+            time.sleep(poll_seconds)
             for name, (process, started) in list(running.items()):
                 if process.poll() is None:
                     continue
@@ -93,6 +98,8 @@ def run_jobs(jobs: list[Job], width: int, root: Path, repo: Path) -> dict[str, f
     finally:
         for process, _ in running.values():
             process.terminate()
+        for process, _ in running.values():
+            process.wait(timeout=60)
     return seconds
 
 
@@ -100,7 +107,7 @@ def _start(job: Job, root: Path, repo: Path, logs: Path) -> subprocess.Popen:
     home = root / ".prefect-home" / job.name
     home.mkdir(parents=True, exist_ok=True)
     with open(logs / f"{job.name}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "benchmarks.paper_repro", *job.args], cwd=repo,
+        return subprocess.Popen(job.command, cwd=repo,
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PREFECT_HOME": str(home)})
 
 

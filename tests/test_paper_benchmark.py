@@ -1,6 +1,10 @@
-"""The paper-reproduction benchmark's plan: every (setting, seed) derives valid pipeline params."""
+"""The paper-reproduction benchmark's plan: every (setting, seed) derives valid pipeline params, and its
+steps run side by side in the order their inputs allow."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +96,54 @@ def test_a_source_recipe_is_measured_on_every_held_out_example():
     assert [(row["split"], row["examples"]) for row in rows] == [("validation", 855), ("test", 1043)]
     assert rows[1]["majority"] == 69.1  # 721 of 1043 acceptable sentences
     assert all(0 <= row["accuracy"] <= 100 and -1 <= row["mcc"] <= 1 for row in rows)
+
+
+def _event_job(name: str, events: Path, after: list[str] = (), seconds: float = 0.2, exit_code: int = 0):
+    """A job that appends 'start <name>' and 'end <name>' to ``events`` around a short sleep."""
+    from benchmarks.paper_schedule import Job
+
+    script = ("import sys, time\n"
+              "def say(word): open(sys.argv[1], 'a').write(f'{word} {sys.argv[2]}\\n')\n"
+              "say('start'); time.sleep(float(sys.argv[3])); say('end'); sys.exit(int(sys.argv[4]))")
+    return Job(name, [sys.executable, "-c", script, str(events), name, str(seconds), str(exit_code)], list(after))
+
+
+def test_side_by_side_jobs_start_after_what_they_read_and_never_exceed_the_width(tmp_path):
+    from benchmarks.paper_schedule import run_jobs
+
+    events = tmp_path / "events"
+    jobs = [_event_job("e", events, after=["d"]), _event_job("d", events, after=["a", "b"]),  # listed first
+            _event_job("a", events), _event_job("b", events), _event_job("c", events)]
+    seconds = run_jobs(jobs, 2, tmp_path / "root", tmp_path, poll_seconds=0.05)
+    assert sorted(seconds) == ["a", "b", "c", "d", "e"]
+    running, ended = set(), set()
+    for word, name in (line.split() for line in events.read_text().splitlines()):
+        if word == "start":
+            assert set(next(j.after for j in jobs if j.name == name)) <= ended
+            running.add(name)
+            assert len(running) <= 2
+        else:
+            running.remove(name)
+            ended.add(name)
+    assert ended == set(seconds)
+    assert (tmp_path / "root" / "logs" / "e.log").exists() and (tmp_path / "root" / ".prefect-home" / "e").is_dir()
+
+
+def test_side_by_side_jobs_stop_at_the_first_failure(tmp_path):
+    from benchmarks.paper_schedule import run_jobs
+
+    events = tmp_path / "events"
+    jobs = [_event_job("slow", events, seconds=60), _event_job("broken", events, exit_code=3),
+            _event_job("later", events, after=["broken"])]
+    with pytest.raises(RuntimeError, match="broken failed \\(exit 3\\)"):
+        run_jobs(jobs, 2, tmp_path / "root", tmp_path, poll_seconds=0.05)
+    assert sorted(events.read_text().split("\n")[:-1]) == ["end broken", "start broken", "start slow"]
+
+
+def test_the_benchmark_jobs_read_what_their_settings_reuse():
+    from benchmarks.paper_schedule import plan_jobs
+
+    jobs = {job.name: job for job in plan_jobs(load_plan(), settings_for)}
+    assert jobs["seed1-low_confidence_sharp"].after == ["seed1-original", "seed1-low_confidence"]
+    assert jobs["kappa-sweep"].after == ["seed0-norm_mismatch"]
+    assert list(jobs)[:2] == ["seed0-original", "seed1-original"]  # the longest chains start first
