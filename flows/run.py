@@ -4,7 +4,8 @@
 Shows each stage starting and finishing, per-step progress of the long ones (fine-tuning, DisTaC, merging,
 evaluation), then the results table, what ran and what was skipped, and the command that opens the MLflow
 UI. Ctrl-C (or SIGTERM) stops within seconds: stage children are killed, open MLflow runs marked KILLED,
-the Prefect flow runs marked Cancelled, Prefect's temporary server stopped and the storage lock released; finished stages stay finished.
+the Prefect flow runs marked Cancelled, Prefect's temporary server stopped and the storage lock released;
+finished stages stay finished.
 When every stage is already up to date it prints the table and exits without starting a flow (a scheduled
 deployment still runs the flow, which skips every stage).
 """
