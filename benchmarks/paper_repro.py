@@ -149,10 +149,22 @@ def kappa_sweeps(plan: dict[str, Any], done: list[dict[str, Any]], seed: int = 0
     spec = plan["kappa_sweep"]
     sweeps = []
     for source in spec["sources"]:
+        params = loaded_params(plan, source["setting"], seed)
+        inputs = {"source_fingerprint": source_fingerprint(params, source["task"]),
+                  "conditioning": params.conditioning.model_dump(mode="json")}
         previous = [s for s in done if (s["setting"], s["task"], s["seed"]) == (source["setting"], source["task"], seed)
-                    and [r["kappa"] for r in s["rows"][1:]] == spec["kappas"]]
+                    and [r["kappa"] for r in s["rows"][1:]] == spec["kappas"]
+                    and all(s.get(key) == value for key, value in inputs.items())]
         sweeps.append(previous[0] if previous else kappa_sweep(plan, source["setting"], source["task"], seed))
     return sweeps
+
+
+def source_fingerprint(params, task: str) -> str:
+    """The fingerprint of the task's vector (its fine-tuned model, data, recipe and code): a sweep is reused
+    only on the very source it was measured on."""
+    from distac.pipeline import StageRef, fingerprint
+
+    return fingerprint(params, StageRef("extract", task))
 
 
 def kappa_sweep(plan: dict[str, Any], setting: str, task: str, seed: int = 0) -> dict[str, Any]:
@@ -195,7 +207,8 @@ def kappa_sweep(plan: dict[str, Any], setting: str, task: str, seed: int = 0) ->
         rows.append(row)
     finetuned = store.finetuned_accuracy([task], "test")[task]
     return {"setting": setting, "task": task, "seed": seed, "finetuned_accuracy": finetuned,
-            "conditioning": cfg.model_dump(mode="json"), "rows": rows}
+            "source_fingerprint": source_fingerprint(params, task), "conditioning": cfg.model_dump(mode="json"),
+            "rows": rows}
 
 
 def calibration_study(plan: dict[str, Any], seed: int = 0) -> dict[str, Any]:

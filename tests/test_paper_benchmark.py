@@ -147,3 +147,20 @@ def test_the_benchmark_jobs_read_what_their_settings_reuse():
     assert jobs["seed1-low_confidence_sharp"].after == ["seed1-original", "seed1-low_confidence"]
     assert jobs["kappa-sweep"].after == ["seed0-norm_mismatch"]
     assert list(jobs)[:2] == ["seed0-original", "seed1-original"]  # the longest chains start first
+
+
+def test_a_kappa_sweep_is_reused_only_on_the_source_it_was_measured_on(monkeypatch):
+    """The sweep's cache names its source's fingerprint: a re-trained source (new recipe, data or code)
+    is swept again instead of reporting the old model's numbers."""
+    from benchmarks import paper_repro
+
+    source = PLAN["kappa_sweep"]["sources"][0]
+    params = loaded_params(PLAN, source["setting"], 0)
+    measured = {"setting": source["setting"], "task": source["task"], "seed": 0,
+                "rows": [{"kappa": 0.0}, *({"kappa": k} for k in PLAN["kappa_sweep"]["kappas"])],
+                "source_fingerprint": paper_repro.source_fingerprint(params, source["task"]),
+                "conditioning": params.conditioning.model_dump(mode="json")}
+    monkeypatch.setattr(paper_repro, "kappa_sweep", lambda *args, **kwargs: "swept again")
+    assert paper_repro.kappa_sweeps(PLAN, [measured]) == [measured]
+    assert paper_repro.kappa_sweeps(PLAN, [{**measured, "source_fingerprint": "another model"}]) == ["swept again"]
+    assert paper_repro.kappa_sweeps(PLAN, [{k: v for k, v in measured.items() if k != "conditioning"}]) == ["swept again"]
