@@ -6,7 +6,7 @@ the two guidelines are measured on seed 0 (a κ sweep; overconfident → merge �
 soft sources) and everything is collected into ``benchmarks/results/paper/``: the tables (markdown, JSON),
 the plots and the command that produced them.
 
-    .venv/bin/python -m benchmarks.paper_repro all                 # everything, three processes side by side
+    .venv/bin/python -m benchmarks.paper_repro all                 # everything, four processes side by side
     .venv/bin/python -m benchmarks.paper_repro run --seed 1        # one seed's three flows (run seeds side by side)
     .venv/bin/python -m benchmarks.paper_repro sweep | calibration | convergence | report
 """
@@ -301,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, action="append", help="seed(s) for 'run' (default: all)")
     parser.add_argument("--setting", action="append", help="only these settings, for 'run' (default: all)")
     parser.add_argument("--settings", type=Path, default=SETTINGS_FILE)
-    parser.add_argument("--jobs", type=int, default=3,
-                        help="for 'all': flows and studies run side by side, each in its own process (default: 3; "
+    parser.add_argument("--jobs", type=int, default=4,
+                        help="for 'all': flows and studies run side by side, each in its own process (default: 4; "
                              "1 runs every step in this process, one after the other)")
     args = parser.parse_args(argv)
     os.chdir(REPO)

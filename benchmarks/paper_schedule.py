@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 
-# Rough minutes per job on a 2-core machine (benchmarks/results/paper/timings.json); only the order in which
-# ready jobs start depends on them.
-MINUTES = {"original": 35, "norm_mismatch": 25, "low_confidence": 45, "low_confidence_sharp": 8,
+# Minutes per job measured on a 2-core machine with three or four jobs side by side (session 15's run,
+# benchmarks/results/paper/timings.json); only the order in which ready jobs start depends on them.
+MINUTES = {"original": 40, "norm_mismatch": 45, "low_confidence": 60, "low_confidence_sharp": 8,
            "surrogate_data": 10, "sweep": 40, "convergence": 5, "calibration": 5}
 
 
