@@ -2,9 +2,9 @@
 
 Every (seed, setting) flow, the κ sweep, the convergence run and the calibration study is one job: a
 ``benchmarks.paper_repro`` subprocess with a ``PREFECT_HOME`` of its own (temporary Prefect servers sharing
-one SQLite database lock each other out). A job starts once the runs it reads have finished, at most N at a
-time, the one heading the longest chain of work first; the report is written when all are done. Each job's output goes to
-``<root>/logs/<job>.log``; this process prints one line per start and finish.
+one SQLite database lock each other out). A job starts once the runs it reads have finished, at most N at
+a time, the one heading the longest chain of work first; the report is written when all are done. Each
+job's output goes to ``<root>/logs/<job>.log``; this process prints one line per start and finish.
 """
 
 from __future__ import annotations
@@ -42,9 +42,8 @@ def flow_job(seed: int, setting: str) -> str:
 
 
 def plan_jobs(plan: dict[str, Any], settings_for) -> list[Job]:
-    """Every job of the benchmark, in the order they are preferred when several could start: each seed's
-    original flow, then the flows and studies that read it, the κ sweep (the longest job) as early as its
-    input allows."""
+    """Every job of the benchmark (a flow per seed and setting, then the studies), each naming the jobs whose
+    runs it reads, in the order they are preferred when several could start: the longest chain first."""
     first = plan["seeds"][0]
     flows: list[Job] = []
     for seed in plan["seeds"]:
