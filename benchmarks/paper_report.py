@@ -387,8 +387,8 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
     plot_headline(table, results / "headline.png")
     sections = [
         f"# Paper reproduction at small scale: MiniLM on {len(tasks)} GLUE tasks ({', '.join(tasks)})\n",
-        "Command: `python -m benchmarks.paper_repro all` (every flow and study in its own process, four at a "
-        "time), or its steps one by one: "
+        "Command: `python -m benchmarks.paper_repro all` (every flow and study in its own process, `--jobs` of "
+        "them at a time), or its steps one by one: "
         f"{' and '.join(f'`run --seed {seed}`' for seed in plan['seeds'])} "
         "(side by side, each setting a Prefect flow run), then `sweep`, `calibration`, `convergence`, `report` "
         f"(this file was written by `{command}`; settings: `benchmarks/paper/settings.yaml`, base params: "
