@@ -197,20 +197,40 @@ class ConditioningResult:
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      teacher_temperature: float, student_temperature: float) -> torch.Tensor:
-    """T_tcr·T_stu · KL(softmax(z_t/T_tcr) ‖ softmax(z_s/T_stu)), averaged over the batch."""
+                      teacher_temperature: float, student_temperature: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T_tcr·T_stu · KL(softmax(z_t/T_tcr) ‖ softmax(z_s/T_stu)), averaged over the batch.
+
+    With ``mask`` (token-level logits [batch, length, vocab] of a causal LM, mask [batch, length]) the KL of
+    every non-padding position is summed over the sequence, then averaged over the sequences."""
     log_student = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
     log_teacher = F.log_softmax(teacher_logits.float() / teacher_temperature, dim=-1)
-    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+    if mask is None:
+        kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+    else:
+        per_position = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=-1)
+        kl = (per_position * mask.to(per_position.dtype)).sum() / student_logits.shape[0]
     return teacher_temperature * student_temperature * kl
 
 
-def prediction_stats(logits: torch.Tensor) -> tuple[float, float]:
-    """Mean max softmax probability and mean entropy (nats) at temperature 1."""
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> float:
+    if mask is None:
+        return float(values.float().mean())
+    weights = mask.to(torch.float32)
+    return float((values.float() * weights).sum() / weights.sum().clamp(min=1))
+
+
+def prediction_stats(logits: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, float]:
+    """Mean max softmax probability and mean entropy (nats) at temperature 1 (over ``mask``'s positions)."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
     probs = log_probs.exp()
     entropy = -(probs * log_probs).sum(dim=-1)
-    return float(probs.max(dim=-1).values.mean()), float(entropy.mean())
+    return _masked_mean(probs.max(dim=-1).values, mask), _masked_mean(entropy, mask)
+
+
+def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """The fraction of inputs (positions, for a causal LM) where student and teacher predict the same class."""
+    return _masked_mean(student_logits.argmax(-1) == teacher_logits.argmax(-1), mask)
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -351,7 +371,11 @@ class _Inputs:
 class _Teacher:
     """The fine-tuned model's logits for a minibatch: looked up in a cache filled once over the whole
     unlabeled set (in length-sorted chunks), or (``cache_teacher=False``) computed by a frozen copy on
-    every step."""
+    every step.
+
+    Token-level outputs (a causal LM: [length, vocab] per input) are never cached: a 32k vocabulary over 256
+    positions is 32 MB per input. The frozen teacher recomputes them per batch, one forward pass without
+    gradients per step, so the KD loss is exact (no top-k truncation error)."""
 
     def __init__(self, model: TaskModel, inputs: _Inputs, config: DistacConfig):
         """``model`` must hold θ_pre + τ and be in eval mode."""
@@ -359,13 +383,17 @@ class _Teacher:
         self.forward_passes, self.cache_hits = 0, 0
         self.cache: torch.Tensor | None = None
         self.frozen: TaskModel | None = None
-        if config.cache_teacher:
+        self.token_level = token_level(model)
+        if config.cache_teacher and self.token_level:
+            log.info("DisTaC on token-level outputs: the teacher is recomputed per batch (exact KD, no cache)")
+        if config.cache_teacher and not self.token_level:
             order = inputs.by_length()  # similar lengths share a chunk: little padding to compute through
             with torch.no_grad():
                 chunks = []
                 for start in range(0, len(inputs), config.batch_size):
                     with _autocast(self.device):
-                        chunks.append(model(inputs.batch(order[start:start + config.batch_size])).float())
+                        batch = inputs.batch(order[start:start + config.batch_size])
+                        chunks.append(model.distillation_outputs(batch)[0].float())
                     self.forward_passes += 1
             self.cache = torch.empty_like(torch.cat(chunks))
             self.cache[order.to(self.device)] = torch.cat(chunks)
@@ -378,7 +406,12 @@ class _Teacher:
             return self.cache[index.to(self.device)]
         self.forward_passes += 1
         with torch.no_grad(), _autocast(self.device):
-            return self.frozen(inputs).float()
+            return self.frozen.distillation_outputs(inputs)[0].float()
+
+
+def token_level(model: TaskModel) -> bool:
+    """Whether the model distils next-token distributions (a causal LM) rather than class logits."""
+    return type(model).distillation_outputs is not TaskModel.distillation_outputs
 
 
 def _probed(probe: Probe, model: TaskModel) -> dict[str, float]:
@@ -534,8 +567,8 @@ def _distill(model: TaskModel, anchored: _Anchored, teacher: _Teacher, inputs: _
         batch = inputs.batch(index)
         target = teacher(index, batch)
         with _autocast(teacher.device):
-            student = model(batch)
-        kd = distillation_loss(student, target, config.teacher_temperature, config.student_temperature)
+            student, mask = model.distillation_outputs(batch)
+        kd = distillation_loss(student, target, config.teacher_temperature, config.student_temperature, mask)
         optimizer.zero_grad(set_to_none=True)
         kd.backward()
         if config.beta > 0 or logged:
@@ -546,11 +579,11 @@ def _distill(model: TaskModel, anchored: _Anchored, teacher: _Teacher, inputs: _
             torch.nn.utils.clip_grad_norm_(anchored.params, config.grad_clip)
         optimizer.step()
         if logged:
-            max_prob, entropy = prediction_stats(student.detach())
+            max_prob, entropy = prediction_stats(student.detach(), mask)
             kd_value = float(kd.detach())
             metrics = {"step": step, "loss": kd_value + config.beta * reg, "kd_loss": kd_value, "reg_loss": reg,
                        "norm": anchored.delta_norm(), "student_entropy": entropy, "student_max_prob": max_prob,
-                       "teacher_agreement": float((student.argmax(-1) == target.argmax(-1)).float().mean())}
+                       "teacher_agreement": agreement(student.detach(), target, mask)}
             if probe is not None:
                 metrics.update(_probed(probe, model))
             history.append(metrics)

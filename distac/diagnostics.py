@@ -258,7 +258,7 @@ def diagnose_models(pretrained: Mapping[str, torch.Tensor], sources: Sequence[So
     for source in sources:
         vectors[source.name] = TaskVector.from_state_dicts(pretrained, source.model.backbone_state())
         unlabeled_logits[source.name] = predict_logits(source.model, source.unlabeled, source.collate,
-                                                       batch_size, progress)
+                                                       batch_size, progress, confidence=True)
         if source.validation:
             logits = predict_logits(source.model, source.validation, source.collate, batch_size, progress)
             validation[source.name] = (logits, labels_of(source.validation))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -49,8 +50,11 @@ class Builder(Protocol):
 
 @torch.no_grad()
 def predict_logits(model: TaskModel, examples: Sequence[Any], collate: Collate, batch_size: int = 64,
-                   progress: bool = False) -> torch.Tensor:
-    """Logits [N, C] (float32, CPU) of ``model`` in eval mode on ``examples``, in order."""
+                   progress: bool = False, confidence: bool = False) -> torch.Tensor:
+    """Logits [N, C] (float32, CPU) of ``model`` in eval mode on ``examples``, in order.
+
+    ``confidence``: the logits the model's confidence is read from instead (``TaskModel.confidence_logits``;
+    for a causal LM the next-token logits [N, vocab] after each prompt)."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
@@ -62,12 +66,34 @@ def predict_logits(model: TaskModel, examples: Sequence[Any], collate: Collate, 
                           disable=not progress):
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                       for k, v in collate(examples[start:start + batch_size]).items()}
-            chunks.append(model(inputs).float().cpu())
+            chunks.append((model.confidence_logits(inputs) if confidence else model(inputs)).float().cpu())
     finally:
         model.train(was_training)
     if not chunks:
         raise ConfigError("cannot predict on an empty set of examples")
     return torch.cat(chunks)
+
+
+@torch.no_grad()
+def completion_perplexity(model: TaskModel, examples: Sequence[Any], collate: Collate, batch_size: int = 64
+                          ) -> float | None:
+    """exp(mean negative log-likelihood per token) of the gold completions of labeled ``examples`` after their
+    prompts, for a generative model (``completion_nll``); None for a classifier."""
+    if not hasattr(model, "completion_nll"):
+        return None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0.0
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            inputs = {k: v.to(device) for k, v in collate(chunk).items()}
+            nll, tokens = model.completion_nll(inputs, labels_of(chunk).to(device))
+            total, count = total + float(nll.sum()), count + float(tokens.sum())
+    finally:
+        model.train(was_training)
+    return math.exp(total / count) if count else None
 
 
 def labels_of(examples: Sequence[Any]) -> torch.Tensor:
@@ -120,20 +146,21 @@ class TaskEvaluation:
     ece: float
     normalized_accuracy: float | None = None
     mcc: float | None = None  # Matthews correlation (reported for CoLA, as GLUE does)
+    perplexity: float | None = None  # generative models: of the gold completions after their prompts
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def evaluate_logits(task: str, logits: torch.Tensor, labels: torch.Tensor,
-                    finetuned_accuracy: float | None = None) -> TaskEvaluation:
+                    finetuned_accuracy: float | None = None, perplexity: float | None = None) -> TaskEvaluation:
     acc = accuracy(logits, labels)
     stats = confidence_stats(logits)
     return TaskEvaluation(
         task=task, accuracy=acc, num_examples=int(labels.numel()), mean_max_prob=stats.mean_max_prob,
         mean_entropy=stats.mean_entropy, ece=expected_calibration_error(torch.softmax(logits.double(), 1), labels),
         normalized_accuracy=None if finetuned_accuracy is None else normalized_accuracy(acc, finetuned_accuracy),
-        mcc=matthews_correlation(logits, labels))
+        mcc=matthews_correlation(logits, labels), perplexity=perplexity)
 
 
 def evaluate_task(model: TaskModel, examples: Sequence[Any], collate: Collate, *, task: str = "",
@@ -141,7 +168,8 @@ def evaluate_task(model: TaskModel, examples: Sequence[Any], collate: Collate, *
                   progress: bool = False) -> TaskEvaluation:
     """Accuracy, confidence and ECE of ``model`` on labeled ``examples``."""
     logits = predict_logits(model, examples, collate, batch_size, progress)
-    return evaluate_logits(task, logits, labels_of(examples), finetuned_accuracy)
+    return evaluate_logits(task, logits, labels_of(examples), finetuned_accuracy,
+                           completion_perplexity(model, examples, collate, batch_size))
 
 
 # --------------------------------------------------------------------------------------------- merged
@@ -203,9 +231,11 @@ def evaluate_served(adapter: Builder, served: Served, heads: Sequence[Mapping[st
                     tasks: Sequence[EvalTask], *, split: str, batch_size: int = 64,
                     finetuned_accuracy: Mapping[str, float] | None = None,
                     device: torch.device | str | None = None, progress: bool = False,
-                    on_task: Callable[[int, str], None] | None = None) -> dict[Any, list[TaskEvaluation]]:
+                    on_task: Callable[[int, str], None] | None = None,
+                    perplexity: bool = True) -> dict[Any, list[TaskEvaluation]]:
     """The one evaluation loop: for each task, its head on each backbone ``served(i)`` offers, evaluated on
-    the task's ``split``; label → one TaskEvaluation per task. One model is in memory at a time."""
+    the task's ``split``; label → one TaskEvaluation per task. One model is in memory at a time.
+    ``perplexity`` (generative models only) costs a second pass; the α search, which ranks by accuracy, skips it."""
     device = resolve_device(device)
     results: dict[Any, list[TaskEvaluation]] = {}
     for i, (task, head) in enumerate(zip(tasks, heads)):
@@ -218,7 +248,9 @@ def evaluate_served(adapter: Builder, served: Served, heads: Sequence[Mapping[st
             model.load_backbone(backbone)
             logits = predict_logits(model, examples, adapter.collate, batch_size, progress)
             results.setdefault(label, []).append(
-                evaluate_logits(task.name, logits, labels, _finetuned_for(finetuned_accuracy, task.name)))
+                evaluate_logits(task.name, logits, labels, _finetuned_for(finetuned_accuracy, task.name),
+                                completion_perplexity(model, examples, adapter.collate, batch_size)
+                                if perplexity else None))
         del model
     return results
 
@@ -303,7 +335,7 @@ def search_alpha(method_name: str, task_vectors: Sequence[Mapping[str, torch.Ten
     grid = [float(a) for a in grid]
     per_alpha = evaluate_served(
         adapter, lambda i: _LazyBackbones(merged.for_task(i), pretrained_state, grid), heads, tasks, split=split,
-        batch_size=batch_size, device=device, progress=progress, on_task=on_task)
+        batch_size=batch_size, device=device, progress=progress, on_task=on_task, perplexity=False)
     scores = {alpha: sum(r.accuracy for r in per_alpha[alpha]) / len(per_alpha[alpha]) for alpha in grid}
     best = max(scores, key=lambda a: (scores[a], -list(scores).index(a)))
     log.info("%s: alpha=%.3g (mean %s accuracy %.4f)", method_name, best, split, scores[best])

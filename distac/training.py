@@ -153,6 +153,11 @@ def finetune(adapter: ModelAdapter, task_data: TaskData, recipe: FinetuneRecipe,
 
 def _train(model: TaskModel, adapter: ModelAdapter, train: Sequence, recipe: FinetuneRecipe,
            device: torch.device, progress: bool, on_step, task_name: str) -> list[dict[str, float]]:
+    generative = hasattr(model, "supervised_loss")
+    if generative and (recipe.mixup_alpha > 0 or recipe.focal_gamma > 0 or recipe.train_head_only):
+        raise DistacError(f"task {task_name!r}: a causal LM is fine-tuned with token-level cross-entropy on its "
+                          "completions; mixup_alpha, focal_gamma and train_head_only do not apply (use "
+                          "label_smoothing for a soft source)")
     parameters = _trainable_parameters(model, recipe.train_head_only)
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup_steps = round(recipe.warmup_fraction * recipe.steps)
@@ -174,8 +179,10 @@ def _train(model: TaskModel, adapter: ModelAdapter, train: Sequence, recipe: Fin
         labels = torch.tensor([example.label for example in examples], device=device)
         inputs = _to_device(adapter.collate(examples), device)
         with autocast:
-            features = model.features(inputs)
-            if recipe.mixup_alpha > 0:
+            if generative:  # a causal LM: cross-entropy on the gold completion's tokens only
+                loss = model.supervised_loss(inputs, labels, recipe.label_smoothing)
+            elif recipe.mixup_alpha > 0:
+                features = model.features(inputs)
                 lam = mixup_rng.betavariate(recipe.mixup_alpha, recipe.mixup_alpha)
                 partner = torch.randperm(len(examples), generator=generator).to(device)
                 logits = model.head(lam * features + (1 - lam) * features[partner])
@@ -183,8 +190,7 @@ def _train(model: TaskModel, adapter: ModelAdapter, train: Sequence, recipe: Fin
                         + (1 - lam) * classification_loss(logits, labels[partner], recipe.label_smoothing,
                                                           recipe.focal_gamma))
             else:
-                loss = classification_loss(model.head(features), labels, recipe.label_smoothing,
-                                           recipe.focal_gamma)
+                loss = classification_loss(model(inputs), labels, recipe.label_smoothing, recipe.focal_gamma)
         if not torch.isfinite(loss):
             raise DistacError(f"fine-tuning {task_name}: the loss became {loss.item()} at step {step} "
                               f"(lr {recipe.lr} too large?)")

@@ -95,7 +95,7 @@ def build_diagnosis(args: argparse.Namespace) -> Diagnosis:
         loaded, data = item
         collate = loaded.adapter.collate
         unlabeled_logits[name] = predict_logits(loaded.model, data.unlabeled(args.num_unlabeled, args.seed),
-                                                collate, args.batch_size)
+                                                collate, args.batch_size, confidence=True)
         validation[name] = (predict_logits(loaded.model, data.validation, collate, args.batch_size),
                             labels_of(data.validation))
     return diagnose(vectors, unlabeled_logits, validation, norm_ratio_threshold=args.norm_ratio_threshold,

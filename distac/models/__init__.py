@@ -16,7 +16,7 @@ from distac.models.base import ModelAdapter, TaskModel
 
 __all__ = ["ModelAdapter", "TaskModel", "build_adapter", "load_model", "ADAPTER_KINDS"]
 
-ADAPTER_KINDS = ("hf_text", "hf_seqcls", "open_clip", "hf_clip")
+ADAPTER_KINDS = ("hf_text", "hf_seqcls", "hf_causal_lm", "open_clip", "hf_clip")
 _ADAPTERS: dict[str, ModelAdapter] = {}
 
 
@@ -29,6 +29,10 @@ def _adapter_class(kind: str) -> type[ModelAdapter]:
         from distac.models.hf_seqcls import HFSequenceClassificationAdapter
 
         return HFSequenceClassificationAdapter
+    if kind == "hf_causal_lm":
+        from distac.models.causal_lm import HFCausalLMAdapter
+
+        return HFCausalLMAdapter
     if kind == "open_clip":
         from distac.models.vision import OpenCLIPAdapter
 

@@ -29,6 +29,15 @@ class TaskModel(nn.Module):
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.features(inputs))
 
+    def distillation_outputs(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What DisTaC matches between teacher and student: class logits [batch, C] and no mask here; a causal
+        LM returns next-token logits [batch, length, vocab] and its non-padding mask [batch, length]."""
+        return self(inputs), None
+
+    def confidence_logits(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits whose max softmax probability is the model's confidence (a causal LM: the next token's)."""
+        return self(inputs)
+
     def backbone_state(self) -> dict[str, torch.Tensor]:
         """The backbone's floating parameters and buffers (the keys a task vector covers), detached."""
         return {k: v.detach().clone() for k, v in self.backbone.state_dict().items() if v.is_floating_point()}

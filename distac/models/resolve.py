@@ -154,6 +154,54 @@ def hf_weights_uri(uri: str) -> str:
     raise CheckpointError(f"{uri} has a {HF_CONFIG} but no weights (looked for {', '.join(HF_WEIGHTS)})")
 
 
+def hf_architecture(uri: str) -> str | None:
+    """The model class a transformers directory was saved from (``config.json: architectures[0]``), if named."""
+    names = hf_config(uri).get("architectures") or []
+    return str(names[0]) if names else None
+
+
+def _transformers_classes(mapping: str) -> set[str]:
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for value in getattr(modeling_auto, mapping).values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return names
+
+
+def hf_kind(uri: str) -> str:
+    """What a transformers directory holds: 'causal_lm' (``*ForCausalLM``, ``GPT2LMHeadModel``), 'seqcls'
+    (``*ForSequenceClassification``), 'clip', 'base' (a bare ``AutoModel``: θ_pre only) or 'other' (any head
+    distac cannot serve: masked LM, token classification, question answering, ...)."""
+    config = hf_config(uri)
+    if config.get("model_type") in HF_CLIP_TYPES:
+        return "clip"
+    architecture = hf_architecture(uri)
+    if architecture is None:
+        return "seqcls"  # an old config without the field: the classifier route has always taken it
+    if architecture in _transformers_classes("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+        return "causal_lm"
+    if architecture in _transformers_classes("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"):
+        return "seqcls"
+    if architecture in _transformers_classes("MODEL_MAPPING_NAMES"):
+        return "base"
+    return "other"
+
+
+SUPPORTED = ("sequence classifiers (*ForSequenceClassification), causal language models (*ForCausalLM), CLIP, "
+             "and bare encoders (AutoModel) as the pretrained model")
+
+
+def refuse_unservable(uri: str, role: str = "fine-tuned model") -> None:
+    """A ``role`` whose architecture has no head distac can serve is refused before any work, naming the file."""
+    kind = hf_kind(uri)
+    if kind == "other" or (kind == "base" and role != "pretrained model"):
+        raise CheckpointError(
+            f"{io.join_uri(uri, HF_CONFIG)}: architecture {hf_architecture(uri)!r} "
+            + ("has no trained classification head or language-model head" if kind == "base" else
+               "is not one distac can serve") + f"; as a {role} distac supports {SUPPORTED}")
+
+
 def base_model_prefix(uri: str) -> str:
     """The attribute name of the encoder inside the architecture's sequence-classification class ('bert', 'model')."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -220,6 +268,9 @@ def backbone_checkpoint(uri: str | os.PathLike) -> BackboneView:
         state = build_adapter(read_model_spec(uri)).pretrained_backbone_state()
         return BackboneView(io.CheckpointReader(uri, tensors=state), uri, form=form)
     reader = io.open_checkpoint(hf_weights_uri(uri))
+    if hf_kind(uri) == "causal_lm":  # the whole network; a tied lm_head is the embedding, merged once
+        tied = hf_config(uri).get("tie_word_embeddings", True)
+        return BackboneView(reader, uri, form=form, drop=("lm_head.",) if tied else ())
     if hf_config(uri).get("model_type") in HF_CLIP_TYPES:  # CLIP: the image tower
         from distac.models.hf_clip import BACKBONE_PREFIXES
 
@@ -261,6 +312,14 @@ def paired_backbones(pretrained: str | os.PathLike | BackboneView, finetuned: Se
             if SAME_FAMILY.get(ours, ours) != SAME_FAMILY.get(theirs, theirs):
                 raise MismatchError(f"{io.join_uri(model.uri, HF_CONFIG)}: model_type {ours!r}, but the pretrained "
                                     f"model's {io.join_uri(pre.uri, HF_CONFIG)} has {theirs!r} (another architecture)")
+            if (hf_kind(model.uri) == "causal_lm") != (hf_kind(pre.uri) == "causal_lm"):
+                raise MismatchError(f"{io.join_uri(model.uri, HF_CONFIG)} is a {hf_architecture(model.uri)} but the "
+                                    f"pretrained model {io.join_uri(pre.uri, HF_CONFIG)} is a "
+                                    f"{hf_architecture(pre.uri)}: merge causal LMs with causal LMs")
+            if hf_kind(model.uri) == "causal_lm":
+                from distac.models.tokenizers import check_same_tokenizer
+
+                check_same_tokenizer(local_hf_dir(pre.uri), local_hf_dir(model.uri), pre.uri, model.uri)
         for key in model:
             if key not in pre:
                 raise MismatchError(f"tensor {key!r} of {model.uri} is not in the pretrained model {pre.uri} "
@@ -355,6 +414,10 @@ def load_model(uri: str | os.PathLike, pretrained: str | os.PathLike | None = No
         raise CheckpointError(f"{uri} is a model spec (θ_pre of a model family), not a fine-tuned model")
     if hf_config(uri).get("model_type") in HF_CLIP_TYPES:
         return load_image_tower(uri, pretrained, class_names, task, adapter)
+    refuse_unservable(uri)
+    if hf_kind(uri) == "causal_lm":
+        return load_causal_lm(uri, pretrained, class_names=class_names, task=task, max_length=max_length,
+                              adapter=adapter)
     local = local_hf_dir(uri)
     if adapter is not None:
         if pretrained is not None:
@@ -377,6 +440,41 @@ def load_model(uri: str | os.PathLike, pretrained: str | os.PathLike | None = No
     return LoadedModel(adapter, model, _hf_meta(uri, adapter.spec(), hf_config(uri), task))
 
 
+def load_causal_lm(uri: str, pretrained: str | os.PathLike | None = None, *, class_names: Sequence[str] | None = None,
+                   task: str | None = None, max_length: int | None = None, template: str | None = None,
+                   adapter: ModelAdapter | None = None) -> LoadedModel:
+    """A fine-tuned causal-LM directory as a ``LoadedModel`` scored on ``class_names`` (its task's completions;
+    none: it can be distilled and diagnosed for norm, not scored). θ_pre (``pretrained``, else the model
+    itself) defines the adapter; tokenizers and tensors are compared first."""
+    local = local_hf_dir(uri)
+    if adapter is None:
+        source = local
+        if pretrained is not None and model_form(str(pretrained)) == "hf":
+            paired_backbones(str(pretrained), [uri])  # a mismatch fails here, before the model is loaded
+            source = local_hf_dir(str(pretrained))
+        tokenizer = None
+        from distac.models.hf_seqcls import has_tokenizer
+
+        if not has_tokenizer(source):
+            tokenizer = local
+            if not has_tokenizer(local):
+                raise CheckpointError(f"{uri} holds no tokenizer (looked for tokenizer.json, tokenizer_config.json, "
+                                      f"...), and neither does {pretrained}; save one beside the weights")
+        spec = {"kind": "hf_causal_lm", "name_or_path": source, "tokenizer": tokenizer}
+        if max_length is not None:
+            spec["max_length"] = max_length
+        if template is not None:
+            spec["template"] = template
+        adapter = build_adapter(spec)
+    elif pretrained is not None:
+        paired_backbones(pretrained, [uri])
+    model = adapter.load_finetuned(local, list(class_names) if class_names else None)
+    meta = {"format": store.FORMAT, "role": "finetuned", "adapter": adapter.spec(), "task": task,
+            "num_classes": len(class_names or []), "class_names": list(class_names or []),
+            "extra": {"source": uri, "form": "hf"}}
+    return LoadedModel(adapter, model, meta)
+
+
 def checkpoint_class_names(uri: str | os.PathLike) -> list[str] | None:
     """A fine-tuned model's label names in class order (a checkpoint's ``id2label``, a distac model's meta);
     None when it has none (bare checkpoints, transformers' default ``LABEL_i`` names)."""
@@ -384,7 +482,7 @@ def checkpoint_class_names(uri: str | os.PathLike) -> list[str] | None:
     form = model_form(uri)
     if form == "distac":
         return store.load_meta(uri).get("class_names") or None
-    if form == "hf" and hf_config(uri).get("model_type") not in HF_CLIP_TYPES:
+    if form == "hf" and hf_kind(uri) == "seqcls":
         return _hf_meta(uri, {}, hf_config(uri), None)["class_names"] or None
     return None
 
@@ -397,7 +495,7 @@ def model_family(uri: str | os.PathLike) -> str | None:
     if form == "distac":
         return store.load_meta(uri)["adapter"]["kind"]
     if form == "hf":
-        return "hf_clip" if hf_config(uri).get("model_type") in HF_CLIP_TYPES else "hf_seqcls"
+        return {"clip": "hf_clip", "causal_lm": "hf_causal_lm"}.get(hf_kind(uri), "hf_seqcls")
     return None
 
 
