@@ -199,6 +199,9 @@ def diagnose(task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
             stats = confidence_stats(logits)
             task.num_classes, task.mean_max_prob = stats.num_classes, stats.mean_max_prob
             task.mean_entropy, task.scaled_confidence = stats.mean_entropy, stats.scaled_confidence
+            if task.accuracy is not None and stats.num_classes != validation[name][0].shape[1]:
+                # a causal LM: its confidence is the next token's over the vocabulary, not over the candidates
+                task.confidence_gap = task.accuracy - stats.mean_max_prob
             underconfident = task.confidence_gap is None or task.confidence_gap > underconfidence_margin
             if stats.scaled_confidence < confidence_threshold and underconfident:
                 task.flags.append("low_confidence")

@@ -79,6 +79,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, several: bool) -> None:
                           "holding a data spec (train/test/validation files, text/text_pair/label columns; "
                           "docs/own-models.md); default: the task in the model's meta.json")
     parser.add_argument("--glue-dir", "--data-root", dest="data_root", help="GLUE directory or vision data root")
+    parser.add_argument("--template", metavar="TEXT",
+                        help="causal LMs: how an input becomes a prompt, e.g. '{text_a}\\nAnswer:' ({text_b}: the "
+                             "second sentence); default: the text itself; each class name (label word, or "
+                             "completion) follows the prompt after a space")
 
 
 def read_data_spec(value: str) -> Any:
@@ -107,9 +111,16 @@ def parse_data_spec(raw: Any, where: str) -> Any:
 
 def load_model_for(uri: str, pretrained: str | None, spec: Any, args: argparse.Namespace) -> Any:
     """One fine-tuned model in any form; a bare image-tower checkpoint takes its class names from ``spec``'s data."""
-    from distac.models.resolve import load_model, model_form
+    from distac.models.resolve import hf_kind, load_causal_lm, load_model, model_form
 
-    if model_form(uri) != "checkpoint" and not _is_clip_dir(uri):
+    form = model_form(uri)
+    if form == "hf" and hf_kind(uri) == "causal_lm":  # scored on its task's completions, when data names them
+        template = getattr(args, "template", None)
+        if spec is None:
+            return load_causal_lm(uri, pretrained, template=template)
+        data = _load_data(spec, uri, args, None, None)
+        return load_causal_lm(uri, pretrained, class_names=data.class_names, task=data.name, template=template)
+    if form != "checkpoint" and not _is_clip_dir(uri):
         return load_model(uri, pretrained)
     if spec is None:
         raise ConfigError(f"{uri} is a bare checkpoint: give its task with --data (for the zero-shot head)")

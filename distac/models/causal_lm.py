@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,24 @@ log = logging.getLogger(__name__)
 
 KIND = "hf_causal_lm"
 IGNORE = -100
+_LOADING = threading.Lock()  # transformers' from_pretrained patches module globals: one load at a time
+
+
+def load_causal_lm_weights(path: str) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` in eval mode, its tied embeddings tied."""
+    from transformers import AutoModelForCausalLM
+
+    from distac.models.hf_seqcls import local_files_only, quiet_transformers
+
+    quiet_transformers()
+    try:
+        with _LOADING:
+            full = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot load {path} as a causal language model: {exc}") from None
+    if getattr(full.config, "tie_word_embeddings", False) and not tied_aliases(full):
+        full.tie_weights()
+    return full.eval()
 
 
 def untied_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -242,7 +261,7 @@ class HFCausalLMAdapter(ModelAdapter):
         self._prefix, self._suffix = self._special_tokens()
 
     def _load(self) -> tuple[nn.Module, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from distac.models.hf_seqcls import TOKENIZER_FILES, has_tokenizer, local_files_only, quiet_transformers
         from distac.models.text import resolve_model_path
@@ -256,15 +275,15 @@ class HFCausalLMAdapter(ModelAdapter):
         quiet_transformers()
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=local_files_only(tokenizer_path))
-            full = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only(path))
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"cannot load {path} as a causal language model: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load the tokenizer from {tokenizer_path}: {exc}") from None
+        full = load_causal_lm_weights(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if tokenizer.pad_token is None:
             raise CheckpointError(f"the tokenizer of {tokenizer_path} has no pad, eos or unk token to pad with")
         tokenizer.padding_side = "right"
-        return full.eval(), tokenizer
+        return full, tokenizer
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """The special tokens the tokenizer puts before and after a text (BOS kept, a trailing EOS dropped)."""
@@ -313,19 +332,11 @@ class HFCausalLMAdapter(ModelAdapter):
 
     def load_finetuned(self, path: str, class_names: Sequence[str] | None) -> CausalLMTaskModel:
         """A fine-tuned causal-LM directory of θ_pre's architecture, weights exactly as transformers loads them."""
-        from transformers import AutoModelForCausalLM
-
-        from distac.models.hf_seqcls import local_files_only, quiet_transformers
-
-        quiet_transformers()
-        try:
-            full = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only(path))
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"cannot load {path} as a causal language model: {exc}") from None
+        full = load_causal_lm_weights(path)
         if type(full) is not type(self._full):
             raise CheckpointError(f"{path} is a {type(full).__name__}, but the pretrained model "
                                   f"{self.name_or_path} is a {type(self._full).__name__}")
-        return self.wrap(full.eval(), class_names)
+        return self.wrap(full, class_names)
 
     def prompt(self, example: TextExample) -> str:
         if self.template is not None:
@@ -348,3 +359,37 @@ class HFCausalLMAdapter(ModelAdapter):
             input_ids[index, :len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[index, :len(row)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def create_random_causal_lm(path: str, family: str = "llama", hidden: int = 32, layers: int = 2,
+                            seed: int = 0) -> str:
+    """Write a tiny randomly initialised Llama or GPT-2 causal LM with the bundled MiniLM tokenizer (a real
+    30k-token vocabulary, so GLUE text tokenizes) to ``path``: the causal-LM profile's θ_pre for tests."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from distac.models.text import TOKENIZER_FILES, bundled_minilm_path
+
+    tokenizer_dir = Path(bundled_minilm_path())
+    special = {"bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0}  # [CLS], [SEP], [PAD]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if family == "gpt2":
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=hidden, n_layer=layers, n_head=2,
+                                               n_positions=256, **special))
+        elif family == "llama":
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=hidden, intermediate_size=2 * hidden,
+                                                 num_hidden_layers=layers, num_attention_heads=2,
+                                                 num_key_value_heads=2, max_position_embeddings=256,
+                                                 tie_word_embeddings=True, **special))
+        else:
+            raise ConfigError(f"family must be 'llama' or 'gpt2', got {family!r}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copyfile(tokenizer_dir / name, out / name)
+    return str(out)

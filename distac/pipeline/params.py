@@ -71,11 +71,12 @@ class Section(BaseModel):
 class ModelParams(Section):
     """What ``distac.models.build_adapter`` builds. ``name_or_path`` is the Hugging Face model id or directory
     (``hf_text``; 'minilm' is the bundled all-MiniLM-L6-v2; ``hf_seqcls``: θ_pre of imported
-    sequence-classification checkpoints; ``hf_clip``: a transformers CLIPModel) or the open_clip architecture
+    sequence-classification checkpoints; ``hf_causal_lm``: θ_pre of causal LMs, tasks scored on their label
+    words / completions; ``hf_clip``: a transformers CLIPModel) or the open_clip architecture
     (``open_clip``, e.g. 'ViT-B-32'); ``options`` holds the adapter's other arguments (open_clip:
     ``pretrained`` weights file, ``model_config``, ``templates``; hf_text: ``architecture``)."""
 
-    kind: Literal["hf_text", "open_clip", "hf_seqcls", "hf_clip"] = "hf_text"
+    kind: Literal["hf_text", "open_clip", "hf_seqcls", "hf_causal_lm", "hf_clip"] = "hf_text"
     name_or_path: str = "minilm"
     pooling: Literal["mean", "cls", "last"] = "mean"
     max_length: PositiveInt = 128
@@ -84,7 +85,8 @@ class ModelParams(Section):
     def adapter_spec(self) -> dict[str, Any]:
         if self.kind == "open_clip":
             return {"kind": self.kind, "model_name": self.name_or_path, **self.options}
-        if self.kind == "hf_seqcls":  # imported classifiers: their own pooler/classifier head, no pooling choice
+        if self.kind in ("hf_seqcls", "hf_causal_lm"):  # their own heads: no pooling choice (causal LM options:
+            # template, separator, tokenizer; distac.models.causal_lm)
             return {"kind": self.kind, "name_or_path": self.name_or_path, "max_length": self.max_length, **self.options}
         if self.kind == "hf_clip":
             return {"kind": self.kind, "name_or_path": self.name_or_path, **self.options}

@@ -12,6 +12,7 @@ import torch
 from distac.calibration import confidence_stats
 from distac.conditioning import DistacConfig
 from distac.conditioning import condition as run_distac
+from distac.conditioning import token_level
 from distac.data import TaskData, load_task, load_task_data, with_unlabeled
 from distac.errors import ConfigError
 from distac.diagnostics import diagnose as run_diagnose
@@ -149,7 +150,10 @@ def finetune(context: StageContext) -> dict[str, Any]:
                "train_examples": len(data.train), "final_loss": history[-1]["loss"] if history else None}
     save_task_model(store.model_uri(task), model.cpu(), built, task, data.num_classes, list(data.class_names),
                     extra={"recipe": recipe_record, **summary})
-    store.save_validation_logits(task, val_logits, labels_of(data.validation))
+    confidence = None
+    if token_level(model):  # a causal LM: its confidence is the next token's, over the whole vocabulary
+        confidence = predict_logits(model, data.validation, built.collate, EVAL_BATCH_SIZE, confidence=True)
+    store.save_validation_logits(task, val_logits, labels_of(data.validation), confidence)
     store.write_json(context.ref, "metrics.json", summary)
     store.write_json(context.ref, "history.json", jsonable(history))
     return summary
@@ -169,9 +173,9 @@ def diagnose(context: StageContext) -> dict[str, Any]:
     tasks = params.task_names
     logits = {t: store.validation_logits(t) for t in tasks}
     settings = params.diagnosis
-    diagnosis = run_diagnose({t: store.task_vector(t) for t in tasks}, {t: logits[t][0] for t in tasks},
-                             logits, norm_ratio_threshold=settings.norm_ratio,
-                             confidence_threshold=settings.min_scaled_confidence,
+    confidence = {t: store.confidence_logits(t) for t in tasks}
+    diagnosis = run_diagnose({t: store.task_vector(t) for t in tasks}, confidence, logits,
+                             norm_ratio_threshold=settings.norm_ratio, confidence_threshold=settings.min_scaled_confidence,
                              target_confidence=settings.target_confidence)
     configured = params.conditioning.tasks
     recommended = [r.task for r in diagnosis.recommendations if r.condition]

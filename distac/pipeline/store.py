@@ -151,8 +151,18 @@ class RunStore:
         state = io.load_state_dict(self.file(StageRef("finetune", task=task), LOGITS_FILE))
         return state["logits"], state["labels"]
 
-    def save_validation_logits(self, task: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        io.save_state_dict({"logits": logits, "labels": labels}, self.file(StageRef("finetune", task=task), LOGITS_FILE))
+    def confidence_logits(self, task: str) -> torch.Tensor:
+        """The logits the diagnosis reads a source's confidence from: a causal LM's next-token logits after each
+        validation prompt, a classifier's validation logits."""
+        state = io.load_state_dict(self.file(StageRef("finetune", task=task), LOGITS_FILE))
+        return state.get("confidence_logits", state["logits"])
+
+    def save_validation_logits(self, task: str, logits: torch.Tensor, labels: torch.Tensor,
+                               confidence_logits: torch.Tensor | None = None) -> None:
+        state = {"logits": logits, "labels": labels}
+        if confidence_logits is not None:
+            state["confidence_logits"] = confidence_logits
+        io.save_state_dict(state, self.file(StageRef("finetune", task=task), LOGITS_FILE))
 
     # ----------------------------------------------------------------------------------- vectors
 
