@@ -23,6 +23,7 @@ MARKERS = {
     "merge": "merge.json",        # distac merge
     "model": "meta.json",         # distac finetune / save_pretrained / a conditioned model
     "conditioned": "history.json",  # distac condition
+    "export": "distac_export.json",  # a transformers model directory distac wrote (distac.export)
 }
 # What a checkpoint directory written by ``ShardedSafetensorsWriter`` holds, and nothing else.
 CHECKPOINT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")

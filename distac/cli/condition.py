@@ -1,13 +1,16 @@
 """``distac condition``: DisTaC on one fine-tuned model (a distac model directory or a Hugging Face
 checkpoint), with unlabeled inputs from ``--unlabeled FILE``, else its task's training inputs.
 
-Writes under OUT::
+Writes under OUT (all at once: staged, then moved into place)::
 
     task_vector/   the conditioned task vector τ' (sharded safetensors)
     model/         a distac model directory with θ_pre + τ' and the task head (what `distac merge` and
                    `distac evaluate` take as a fine-tuned model)
     history.json   κ, norms, teacher statistics, the config and the logged steps
     history.png    ‖τ'‖, teacher agreement and student entropy over the steps (when matplotlib is installed)
+
+and, for transformers models (a causal LM, or a sequence classifier with its head), OUT itself is θ_pre + τ'
+as a directory `from_pretrained` loads: config.json, tokenizer, model*.safetensors, README.md model card.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from distac.outputs import guard_output
 from distac.vectors import TaskVector
 
 log = logging.getLogger(__name__)
+HISTORY = "history.json"
 
 
 def register(subparsers) -> None:
@@ -119,6 +123,8 @@ def plot_history(result: ConditioningResult, uri: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from distac.export import AUTO_CLASSES, write_conditioned
+    from distac.merging.streaming import staged_directory
     from distac.models.store import save_task_model
 
     set_threads(args.threads)
@@ -135,14 +141,21 @@ def run(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
 
     out = str(args.out).rstrip("/")
-    result.vector.save(io.join_uri(out, "task_vector"))
-    model.load_backbone(result.vector.apply_to(pretrained))
-    extra = {**loaded.meta.get("extra", {}), "distac": {k: v for k, v in result.to_dict().items() if k != "history"},
-             "source": str(args.finetuned)}
-    save_task_model(io.join_uri(out, "model"), model.cpu(), loaded.adapter, task_name, loaded.meta["num_classes"],
-                    loaded.class_names or None, extra=extra)
-    io.write_json(result.to_dict(), io.join_uri(out, "history.json"))
-    plotted = plot_history(result, io.join_uri(out, "history.png"))
+    summary = {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
+    with staged_directory(out, args.overwrite, inputs=[args.pretrained, args.finetuned], kind="conditioned",
+                          last=HISTORY) as staging:  # all of OUT appears at once, history.json last
+        result.vector.save(os.path.join(staging, "task_vector"))
+        model.load_backbone(result.vector.apply_to(pretrained))
+        extra = {**loaded.meta.get("extra", {}), "distac": {**summary, "config": result.config.to_dict()},
+                 "source": str(args.finetuned)}
+        save_task_model(os.path.join(staging, "model"), model.cpu(), loaded.adapter, task_name,
+                        loaded.meta["num_classes"], loaded.class_names or None, extra=extra)
+        exported = write_conditioned(staging, args.pretrained, args.finetuned, pretrained, result.vector,
+                                     result.config.to_dict(), summary)
+        plotted = plot_history(result, os.path.join(staging, "history.png"))
+        io.write_json(result.to_dict(), os.path.join(staging, HISTORY))
+    if exported:
+        print(f"{out} is a transformers model: {AUTO_CLASSES[exported]}.from_pretrained({out!r})")
     last = result.history[-1] if result.history else {}
     print(f"DisTaC on {task_name}: κ={result.kappa:.4g}, ‖τ‖ {result.original_norm:.4g} → ‖τ'‖ "
           f"{result.final_norm:.4g} in {config.steps} steps on {len(unlabeled)} unlabeled inputs"

@@ -8,7 +8,7 @@ import dataclasses
 import re
 from typing import Any
 
-from distac import io
+from distac import export, io
 from distac.errors import ConfigError
 from distac.merging import METHODS, get_method
 from distac.merging.base import READ_AHEAD_BYTES
@@ -90,14 +90,23 @@ def run_merge(args: argparse.Namespace) -> int:
           f"({settings}) into {args.out}")
     if record["scales"] is not None:
         print("per-task scales: " + ", ".join(f"{s:.6g}" for s in record["scales"]))
+    outputs, auto_class = record["outputs"], export.AUTO_CLASSES.get(record["export"] or "")
+    if outputs["model"] == ".":
+        print(f"{args.out} is a transformers model: {auto_class}.from_pretrained({str(args.out)!r})")
+    elif outputs["tasks"]:
+        print(f"one transformers model per task ({auto_class}.from_pretrained): "
+              + ", ".join(io.join_uri(args.out, name) for name in outputs["tasks"]))
     return 0
 
 
 def run_materialize(args: argparse.Namespace) -> int:
-    from distac.models.resolve import backbone_checkpoint
+    from distac.models.resolve import backbone_checkpoint, paired_backbones
 
-    materialize(args.merged, backbone_checkpoint(args.pretrained), args.task, args.out,
-                max_shard_bytes=args.shard_size, progress=not args.no_progress, overwrite=args.overwrite)
+    pretrained, finetuned = backbone_checkpoint(args.pretrained), None
+    if args.finetuned:
+        pretrained, (finetuned,) = paired_backbones(pretrained, [args.finetuned])  # checked before any work
+    materialize(args.merged, pretrained, args.task, args.out, max_shard_bytes=args.shard_size,
+                progress=not args.no_progress, overwrite=args.overwrite, finetuned_uri=finetuned)
     print(f"wrote the model for task {args.task} to {args.out}")
     return 0
 
@@ -105,8 +114,11 @@ def run_materialize(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "merge", help="merge fine-tuned checkpoints tensor by tensor",
-        description="Stream fine-tuned checkpoints through a merge method; writes OUT/vector, OUT/model "
-                    "(not for emr), OUT/masks (emr) and OUT/merge.json. Methods: " + ", ".join(sorted(METHODS)))
+        description="Stream fine-tuned checkpoints through a merge method; writes OUT/vector, OUT/masks (emr), "
+                    "OUT/merge.json and the served model θ_pre + τ_m: for transformers causal LMs OUT itself loads "
+                    "with from_pretrained (emr: OUT/task-<i>/ per task), for transformers sequence classifiers "
+                    "OUT/task-<i>/ per task (its own head), else OUT/model (bare tensors; not for emr). "
+                    "Methods: " + ", ".join(sorted(METHODS)))
     parser.add_argument("--method", required=True, help="merge method: " + ", ".join(sorted(METHODS)))
     parser.add_argument("--pretrained", required=True,
                         help="θ_pre: distac model directory, Hugging Face directory or hub id, or checkpoint "
@@ -125,18 +137,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--read-ahead", type=parse_size_or_zero, default=READ_AHEAD_BYTES, metavar="SIZE",
                         help="read the next tensor's inputs (as float32, all tasks) while the current one merges "
                              "when they fit in SIZE, e.g. 1GB (default), 0 (off: half the input memory)")
-    parser.add_argument("--no-model", action="store_true", help="write only the merged vector, not θ_pre + τ_m")
+    parser.add_argument("--no-model", action="store_true",
+                        help="write only the merged vector (and emr's masks), not the served models")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out even if it holds files distac did not write (never an input)")
     parser.set_defaults(func=run_merge)
 
-    parser = subparsers.add_parser("materialize", help="write the model one task is served with after a merge",
-                                   description="θ_pre + τ_m (emr: θ_pre + λ_i M_i ⊙ τ_uni) for task I.")
+    parser = subparsers.add_parser(
+        "materialize", help="write the model one task is served with after a merge",
+        description="θ_pre + τ_m (emr: θ_pre + λ_i M_i ⊙ τ_uni) for task I: a directory transformers loads for "
+                    "transformers causal LMs and sequence classifiers (with task I's head: give --finetuned), "
+                    "else tensors.")
     parser.add_argument("--merged", required=True, help="output directory of `distac merge`")
-    parser.add_argument("--pretrained", required=True, help="the pretrained checkpoint the merge used")
+    parser.add_argument("--pretrained", required=True, help="the pretrained model the merge used")
     parser.add_argument("--task", required=True, type=int, help="task index (order of --finetuned)")
-    parser.add_argument("--out", required=True, help="model to write (directory, .safetensors or .pt)")
+    parser.add_argument("--finetuned",
+                        help="task I's fine-tuned model; required for sequence classifiers (their head and pooler)")
+    parser.add_argument("--out", required=True,
+                        help="model to write (a directory; bare tensors may also go to .safetensors or .pt)")
     parser.add_argument("--shard-size", type=parse_size, default=io.DEFAULT_SHARD_BYTES, help="largest shard")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",

@@ -5,14 +5,22 @@ in-memory ``merge`` (``iter_merged``) and writes, under OUT::
 
     vector/            τ_m (EMR: the unified vector τ_uni), sharded safetensors in the inputs' dtype
     masks/task-<i>/    EMR only: task i's boolean mask
-    model/             θ_pre + τ_m over every pretrained key (other keys passed through); not for EMR
-    merge.json         method, hyperparameters, inputs, number of tasks, EMR scales, path and device
+    merge.json         method, hyperparameters, inputs (and their sha256 for exports), number of tasks, EMR
+                       scales, outputs, path and device
+
+and the served model θ_pre + τ_m:
+
+- transformers causal LMs (``paired_backbones`` views): OUT itself is a directory ``from_pretrained`` loads
+  (config, tokenizer, weights, README.md model card; ``distac.export``); EMR: one such directory per task,
+  OUT/task-<i>/;
+- transformers sequence classifiers: OUT/task-<i>/ per task, each with task i's own head and pooler;
+- anything else: model/, θ_pre + τ_m over every pretrained key (other keys passed through); not for EMR.
 
 Memory holds the T input tensors of two keys (the one being merged and the next, read ahead in a
 background thread) plus one shard buffer: ``max_shard_bytes`` for the vector, and
 for EMR that budget split evenly between the vector and its T mask writers (masks take one byte per
-entry). The model is written in a second pass that reads the staged vector back, so the two outputs never
-buffer at the same time. Everything is staged in a temporary directory and
+entry). The models are written in later passes that read the staged vector back, one model at a time, so
+no two outputs buffer at the same time. Everything is staged in a temporary directory and
 appears at OUT only when the whole merge succeeded (S3: uploaded with merge.json last).
 """
 
@@ -31,8 +39,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from distac import io
-from distac.errors import CheckpointError, ConfigError, MismatchError
+from distac import export, io
+from distac.errors import CheckpointError, ConfigError, DistacError, MismatchError
 from distac.device import resolve_device
 from distac.merging import Merged, MergeMethod, get_method
 from distac.merging.base import READ_AHEAD_BYTES, iter_merged
@@ -51,12 +59,13 @@ def mask_dir(task_index: int) -> str:
 
 
 @contextlib.contextmanager
-def staged_directory(out_uri: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> Iterator[str]:
-    """A local directory to build OUT in; moved (or uploaded, merge.json last) to OUT only on success.
+def staged_directory(out_uri: str, overwrite: bool = False, inputs: Sequence[str] = (), kind: str = "merge",
+                     last: str = RECORD_NAME) -> Iterator[str]:
+    """A local directory to build OUT in; moved (or uploaded, ``last`` last) to OUT only on success.
 
-    OUT must not be or contain one of ``inputs``; it may hold an earlier merge (it is replaced), anything else
-    only with ``overwrite``."""
-    guard_output(out_uri, kind="merge", inputs=inputs, overwrite=overwrite)
+    OUT must not be or contain one of ``inputs``; it may hold an earlier output of ``kind`` (it is replaced),
+    anything else only with ``overwrite``."""
+    guard_output(out_uri, kind=kind, inputs=inputs, overwrite=overwrite)
     local = io.is_local(out_uri)
     final = io.url_to_fs(out_uri)[1] if local else None
     parent = os.path.dirname(os.path.abspath(final)) if final else None
@@ -68,7 +77,7 @@ def staged_directory(out_uri: str, overwrite: bool = False, inputs: Sequence[str
         if local:
             _move_into_place(staging, final)
         else:
-            _upload(staging, out_uri)
+            _upload(staging, out_uri, last)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -83,13 +92,13 @@ def _move_into_place(staging: str, final: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _upload(staging: str, out_uri: str) -> None:
+def _upload(staging: str, out_uri: str, last: str = RECORD_NAME) -> None:
     fs, path = io.url_to_fs(out_uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
     files = sorted(os.path.relpath(os.path.join(root, name), staging)
                    for root, _, names in os.walk(staging) for name in names)
-    files.sort(key=lambda name: name == RECORD_NAME)  # the record marks a complete merge: upload it last
+    files.sort(key=lambda name: name == last)  # the record marks a complete output: upload it last
     for name in files:
         fs.put_file(os.path.join(staging, name), f"{path}/{name}")
 
@@ -108,15 +117,7 @@ def write_served_model(pretrained: Mapping[str, torch.Tensor], vector: Mapping[s
         writer = None if single_file else stack.enter_context(
             io.ShardedSafetensorsWriter(out_uri, max_shard_bytes, overwrite=overwrite))
         for key in tqdm(list(pretrained), desc="write model", unit="tensor", disable=not progress):
-            tensor = pretrained[key]
-            if key in vector:
-                delta = vector[key]
-                if delta.shape != tensor.shape:
-                    raise MismatchError(f"tensor {key!r}: shape {tuple(delta.shape)} in the merge, "
-                                        f"{tuple(tensor.shape)} in the pretrained model")
-                if mask is not None:
-                    delta = scale * mask[key].to(delta.dtype) * delta
-                tensor = (tensor + delta.to(tensor.dtype)).to(tensor.dtype)
+            tensor = export.served_tensor(key, pretrained[key], vector, mask, scale)
             if writer is None:
                 collected[key] = tensor
             else:
@@ -134,7 +135,8 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
 
     OUT must not be or contain an input; it may hold an earlier merge, anything else only with ``overwrite``.
     ``read_ahead_bytes`` bounds the next key's inputs read while the current key merges (0: no reading ahead).
-    Inputs may also be lazy mappings (``distac.models.resolve.backbone_checkpoint`` views of any model form).
+    Inputs may also be lazy mappings (``distac.models.resolve.backbone_checkpoint`` views of any model form);
+    views of transformers causal LMs or sequence classifiers (``paired_backbones``) get loadable exports.
     Returns the record written to OUT/merge.json.
     """
     method = get_method(method) if isinstance(method, str) else method
@@ -153,6 +155,7 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
     # EMR writes T + 1 outputs side by side: they share one shard's budget, so memory does not grow with T
     shard_bytes = max(1, max_shard_bytes // (num_tasks + 1)) if method.per_task else max_shard_bytes
     sources = [str(source) for source in (pretrained_uri, *finetuned_uris)]  # a view's str() is its file
+    export_kind = export.export_kind(pretrained_uri, finetuned_uris)  # transformers directories, or None
     with staged_directory(out_uri, overwrite, inputs=sources) as staging:
         with contextlib.ExitStack() as writers:
             vector_writer = writers.enter_context(
@@ -170,10 +173,22 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
                     writer.add(key, mask)
         info = method.finish()
         scales = info.pop("scales", None)
-        model_written = write_model and not method.per_task
-        if model_written:
-            write_served_model(pretrained, io.open_checkpoint(os.path.join(staging, VECTOR_DIR)),
-                               os.path.join(staging, MODEL_DIR), max_shard_bytes=max_shard_bytes, progress=progress)
+        outputs: dict[str, Any] = {"vector": VECTOR_DIR, "model": None, "tasks": None,
+                                   "masks": [mask_dir(i) for i in range(num_tasks)] if method.per_task else None}
+        described = None
+        staged_vector = io.open_checkpoint(os.path.join(staging, VECTOR_DIR))
+        if write_model and export_kind is not None:
+            described = export.describe_sources(pretrained_uri, finetuned_uris)
+            provenance = export.Provenance("merge", method.name, dataclasses.asdict(method),
+                                           method.alpha if method.has_alpha else None, described, num_tasks)
+            masks = ([io.open_checkpoint(os.path.join(staging, mask_dir(i))) for i in range(num_tasks)]
+                     if method.per_task else None)
+            outputs.update(export.write_merged(staging, export_kind, pretrained_uri, finetuned_uris, staged_vector,
+                                               provenance, masks, scales, max_shard_bytes, progress))
+        elif write_model and not method.per_task:
+            write_served_model(pretrained, staged_vector, os.path.join(staging, MODEL_DIR),
+                               max_shard_bytes=max_shard_bytes, progress=progress)
+            outputs["model"] = MODEL_DIR
         record = {
             "method": method.name,
             "hyperparameters": dataclasses.asdict(method),
@@ -184,8 +199,9 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
             "per_task": method.per_task,
             "scales": scales,
             "alpha": method.alpha if method.has_alpha else None,
-            "outputs": {"vector": VECTOR_DIR, "model": MODEL_DIR if model_written else None,
-                        "masks": [mask_dir(i) for i in range(num_tasks)] if method.per_task else None},
+            "export": export_kind,
+            "sources": described,
+            "outputs": outputs,
             "path": "streaming",
             "device": str(device),
             "info": info,
@@ -219,7 +235,8 @@ def save_merged(merged: Merged, out_uri: str, record: dict[str, Any] | None = No
             "per_task": per_task,
             "scales": list(merged.scales) if per_task else None,
             "alpha": merged.alpha,
-            "outputs": {"vector": VECTOR_DIR, "model": None,
+            "export": None,
+            "outputs": {"vector": VECTOR_DIR, "model": None, "tasks": None,
                         "masks": [mask_dir(i) for i in range(merged.num_tasks)] if per_task else None},
             "path": "in-memory",
             "info": merged.info,
@@ -242,19 +259,77 @@ def load_merged(out_uri: str) -> Merged:
                   scales=scales, info=record, alpha=alpha)
 
 
-def materialize(out_uri: str, pretrained_uri: str, task_index: int, model_uri: str,
-                max_shard_bytes: int = io.DEFAULT_SHARD_BYTES, progress: bool = False,
-                overwrite: bool = False) -> None:
-    """Write the model task ``task_index`` is served with: θ_pre + τ_m (EMR: θ_pre + λ_i M_i ⊙ τ_uni)."""
-    guard_output(model_uri, kind="checkpoint", inputs=[out_uri, pretrained_uri], overwrite=overwrite)
+def materialize(out_uri: str, pretrained_uri: str | Mapping[str, torch.Tensor], task_index: int, model_uri: str,
+                max_shard_bytes: int = io.DEFAULT_SHARD_BYTES, progress: bool = False, overwrite: bool = False,
+                finetuned_uri: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write the model task ``task_index`` is served with: θ_pre + τ_m (EMR: θ_pre + λ_i M_i ⊙ τ_uni).
+
+    With ``backbone_checkpoint`` views of transformers models the model is a directory ``from_pretrained``
+    loads (``distac.export``); a classifier's needs ``finetuned_uri``, that task's fine-tuned model, for its
+    head and pooler. Otherwise: θ_pre's tensors, a checkpoint directory or file."""
+    inputs = [out_uri, str(pretrained_uri), *([str(finetuned_uri)] if finetuned_uri is not None else [])]
     record = read_record(out_uri)
     if not 0 <= task_index < record["num_tasks"]:
         raise ConfigError(f"task index {task_index} is out of range: {out_uri} merged {record['num_tasks']} tasks")
+    kind = _materialized_kind(record, out_uri, task_index, pretrained_uri, finetuned_uri)
+    if kind is not None and str(model_uri).endswith((io.SAFETENSORS_SUFFIX, *io.TORCH_SUFFIXES)):
+        raise ConfigError(f"{model_uri}: a transformers model is a directory; give a directory as the output")
+    guard_output(model_uri, kind="checkpoint" if kind is None else "export", inputs=inputs, overwrite=overwrite)
     vector = io.open_checkpoint(io.join_uri(out_uri, VECTOR_DIR))
     mask, scale = None, 1.0
     if record["per_task"]:
         mask = io.open_checkpoint(io.join_uri(out_uri, mask_dir(task_index)))
         scale = float(record["scales"][task_index])
-    pretrained = pretrained_uri if isinstance(pretrained_uri, Mapping) else io.open_checkpoint(pretrained_uri)
-    write_served_model(pretrained, vector, model_uri, mask=mask, scale=scale,
-                       max_shard_bytes=max_shard_bytes, progress=progress, overwrite=overwrite)
+    if kind is None:
+        pretrained = pretrained_uri if isinstance(pretrained_uri, Mapping) else io.open_checkpoint(pretrained_uri)
+        write_served_model(pretrained, vector, model_uri, mask=mask, scale=scale,
+                           max_shard_bytes=max_shard_bytes, progress=progress, overwrite=overwrite)
+        return
+    from distac.models.resolve import backbone_checkpoint
+
+    sources = record.get("sources") or export.describe_sources(record["inputs"]["pretrained"],
+                                                               record["inputs"]["finetuned"])
+    provenance = export.Provenance("merge", record["method"], record.get("hyperparameters") or {},
+                                   record.get("alpha"), sources, record["num_tasks"])
+    provenance = provenance.for_task(task_index, **({"scale": scale} if record["per_task"] else {}))
+    with staged_directory(model_uri, overwrite, inputs, kind="export", last=export.MARKER) as staging:
+        target = export.layout(kind, pretrained_uri, finetuned_uri)
+        tensors = export.export_tensors(target, backbone_checkpoint(pretrained_uri.uri), vector, mask, scale)
+        export.write_export(staging, target, tensors, provenance, max_shard_bytes, progress)
+
+
+def _materialized_kind(record: Mapping[str, Any], out_uri: str, task_index: int, pretrained: Any,
+                       finetuned: Any) -> str | None:
+    """The export kind of task ``task_index``'s model, refusing a classifier merge without that task's fine-tune
+    (its head) and a fine-tune that a causal-LM or tensor merge has no use for."""
+    finetuned_list = [finetuned] if finetuned is not None else []
+    kind = export.export_kind(pretrained, finetuned_list)
+    if kind is None and _merged_classifiers(record, task_index, pretrained):
+        recorded = record["inputs"]["finetuned"][task_index]
+        if finetuned is None:
+            raise ConfigError(f"{out_uri} merged sequence classifiers: the model of task {task_index} needs that "
+                              f"task's own head and pooler; give its fine-tuned model with --finetuned (the merge "
+                              f"read task {task_index} from {recorded})")
+        raise ConfigError(f"--finetuned {finetuned}: expected the transformers sequence classifier of task "
+                          f"{task_index} (the merge read it from {recorded}), and --pretrained as a transformers "
+                          "model")
+    if finetuned is not None and kind != "seqcls":
+        raise ConfigError(f"--finetuned {finetuned} is only for a merge of transformers sequence classifiers (it "
+                          f"lends task {task_index} its head and pooler); {out_uri} needs only --pretrained")
+    return kind
+
+
+def _merged_classifiers(record: Mapping[str, Any], task_index: int, pretrained: Any) -> bool:
+    """Whether a merge's task models are transformers classifiers: its record says so (older records: θ_pre or
+    the recorded fine-tune of the task is one)."""
+    from distac.models.resolve import hf_kind, model_form
+
+    if record.get("export") is not None:
+        return record["export"] == "seqcls"
+    for uri in (str(pretrained), record["inputs"]["finetuned"][task_index]):
+        try:
+            if model_form(uri) == "hf" and hf_kind(uri) == "seqcls":
+                return True
+        except (DistacError, OSError, ValueError):  # moved, or not a model name: nothing to tell
+            continue
+    return False
