@@ -107,6 +107,28 @@ def test_search_alpha_scores_equal_evaluating_re_merged_models(sources):
         search_alpha("task_arithmetic", vectors, adapter, pretrained, heads, tasks, hyperparams={"alpha": 1.0})
 
 
+def test_a_best_alpha_at_the_grid_edge_is_followed_beyond_it(sources):
+    adapter, pretrained, tasks, models, vectors, heads = sources
+    grid = [0.5, 1.0]  # two values: the better one is always at an edge
+    search = search_alpha("task_arithmetic", vectors, adapter, pretrained, heads, tasks, grid=grid, device="cpu")
+    on_grid = max(grid, key=lambda a: (search.scores[a], -grid.index(a)))
+    first = 1.5 if on_grid == 1.0 else round(0.5 / 1.5, 6)
+    assert search.extended[0] == first and list(search.scores) == grid + search.extended
+    for previous, alpha in zip([on_grid, *search.extended], search.extended):  # each a further step out
+        assert alpha == pytest.approx(previous * 1.5 if on_grid == 1.0 else previous / 1.5, rel=1e-5)
+        remerged = merge("task_arithmetic", vectors, alpha=alpha)
+        evaluation = evaluate_merged(adapter, pretrained, remerged, heads, tasks, split="validation", device="cpu")
+        assert search.scores[alpha] == pytest.approx(evaluation.mean_accuracy)
+    improving = all(search.scores[b] > search.scores[a]
+                    for a, b in zip([on_grid, *search.extended], search.extended))
+    assert len(search.extended) == 3 or not improving  # stops at the first α that is no better
+    assert search.scores[search.alpha] == max(search.scores.values())
+    assert search.to_dict()["extended"] == search.extended
+    inside = search_alpha("task_arithmetic", vectors, adapter, pretrained, heads, tasks, grid=grid, device="cpu",
+                          extend=0)
+    assert inside.extended == [] and inside.alpha == on_grid
+
+
 def test_methods_without_alpha_are_evaluated_once(sources):
     adapter, pretrained, tasks, models, vectors, heads = sources
     search = search_alpha("emr", vectors, adapter, pretrained, heads, tasks, device="cpu")
