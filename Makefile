@@ -6,9 +6,13 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: run test bench clean-venv
 
-$(STAMP): pyproject.toml constraints.txt
+# The install also puts distac-torchvision.pth into site-packages (build_support.py), so plain transformers /
+# peft / open_clip scripts work in this venv without `import distac`; the last line fails loudly if it did not.
+$(STAMP): pyproject.toml constraints.txt build_support.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[all,test]"
+	env -u DISTAC_NO_TORCHVISION_HOOK $(BIN)/python -c "import sys; \
+	  assert any(getattr(f, '_distac_torchvision_hook', 0) for f in sys.meta_path), 'distac-torchvision.pth did not run'"
 	touch $(STAMP)
 
 run: $(STAMP)
