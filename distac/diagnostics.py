@@ -1,7 +1,10 @@
 """Diagnose the two failure modes of merging before merging, and recommend DisTaC settings.
 
 Per task: ‖τ_t‖ and its ratio to the smallest norm, pairwise cosines, label-free confidence on unlabeled
-inputs (mean max-probability, mean entropy) and, where labels exist, ECE on validation data.
+inputs (mean max-probability, mean entropy) and, where labels exist, ECE on validation data. A causal LM
+given free text only (no labelled task data) reports its next-token confidence over every token of the texts
+(``text_confidence``): reported, never flagged, since free text's own entropy keeps it low whatever the
+model and there is no accuracy to compare it with.
 
 Flags (thresholds are arguments; defaults below):
 
@@ -40,10 +43,10 @@ from typing import Any
 
 import torch
 
-from distac.calibration import confidence_stats, expected_calibration_error
+from distac.calibration import ConfidenceStats, confidence_stats, expected_calibration_error
 from distac.conditioning import DistacConfig, kappa_policy
 from distac.errors import ConfigError
-from distac.evaluation import labels_of, predict_logits
+from distac.evaluation import Collate, labels_of, predict_logits
 from distac.models.base import TaskModel
 from distac.vectors import TaskVector
 
@@ -54,6 +57,8 @@ CONFIDENCE_THRESHOLD = 0.7
 UNDERCONFIDENCE_MARGIN = 0.03  # accuracy − mean max-prob on validation data, for the low-confidence flag
 TARGET_CONFIDENCE = 0.8
 MAX_TEMPERATURE_RATIO = 10.0
+HOLD_OUT = "hold-out of train"  # TaskDiagnosis.accuracy_split of a validation split held out of the training data
+INPUTS, TEXT_TOKENS = "inputs", "text tokens"  # TaskDiagnosis.confidence_over
 
 
 @dataclass
@@ -70,6 +75,8 @@ class TaskDiagnosis:
     ece: float | None = None
     sharpening_temperature: float | None = None  # s reaching the target confidence; only when flagged
     flags: list[str] = field(default_factory=list)
+    confidence_over: str | None = None  # what the confidence was read on: "inputs" or "text tokens"
+    accuracy_split: str | None = None  # where accuracy and ECE come from, e.g. "validation", "hold-out of train"
 
 
 @dataclass
@@ -103,23 +110,49 @@ class Diagnosis:
                 out.setdefault(flag, []).append(task.name)
         return out
 
+    @property
+    def notes(self) -> list[str]:
+        """What the numbers were measured on, where a reader could misread them."""
+        notes = []
+        held_out = [t.name for t in self.tasks if t.accuracy is not None and t.accuracy_split == HOLD_OUT]
+        if held_out:
+            notes.append(f"accuracy, acc. − conf. and ECE of {', '.join(held_out)}: on a seeded hold-out of the "
+                         "training data; a checkpoint trained on the whole training file has seen it, so they can "
+                         "read high: give the data spec a `validation` split for an unseen one")
+        text = [t.name for t in self.tasks if t.confidence_over == TEXT_TOKENS]
+        if text:
+            notes.append(f"confidence of {', '.join(text)}: mean max next-token probability over every non-padding "
+                         "position of the unlabeled texts; reported, not flagged (free text's own entropy keeps it "
+                         "low, and without labels there is no accuracy to compare it with: give --data for the "
+                         "low-confidence check)")
+        return notes
+
     def to_dict(self) -> dict[str, Any]:
         names = [t.name for t in self.tasks]
         return {"tasks": [asdict(t) for t in self.tasks],
                 "cosines": {a: dict(zip(names, row)) for a, row in zip(names, self.cosines)},
                 "flags": self.flags, "thresholds": self.thresholds,
-                "recommendations": [asdict(r) for r in self.recommendations]}
+                "recommendations": [asdict(r) for r in self.recommendations], "notes": self.notes}
 
     def to_markdown(self) -> str:
         def fmt(value: float | None, spec: str = ".3f") -> str:
             return "–" if value is None else format(value, spec)
 
-        lines = ["| Task | ‖τ‖ | ratio to min | mean max-prob | mean entropy | scaled conf. | accuracy | "
-                 "acc. − conf. | ECE | flags |", "|---|---|---|---|---|---|---|---|---|---|"]
+        labelled = [t for t in self.tasks if t.accuracy is not None]
+        splits = {t.accuracy_split for t in labelled}
+        shared = next(iter(splits)) if len(splits) == 1 else None  # one split for all: name it in the header
+        header = ["Task", "‖τ‖", "ratio to min", "mean max-prob", "mean entropy", "scaled conf."]
+        if labelled:
+            header += [f"accuracy ({shared})" if shared else "accuracy", "acc. − conf.", "ECE"]
+        lines = ["| " + " | ".join(header + ["flags"]) + " |", "|" + "---|" * (len(header) + 1)]
         for t in self.tasks:
-            lines.append(f"| {t.name} | {t.norm:.4g} | {t.norm_ratio:.2f} | {fmt(t.mean_max_prob)} | "
-                         f"{fmt(t.mean_entropy)} | {fmt(t.scaled_confidence)} | {fmt(t.accuracy)} | "
-                         f"{fmt(t.confidence_gap, '+.3f')} | {fmt(t.ece)} | {', '.join(t.flags) or '–'} |")
+            cells = [t.name, f"{t.norm:.4g}", f"{t.norm_ratio:.2f}", fmt(t.mean_max_prob), fmt(t.mean_entropy),
+                     fmt(t.scaled_confidence)]
+            if labelled:
+                split = f" ({t.accuracy_split})" if t.accuracy is not None and t.accuracy_split and not shared else ""
+                cells += [fmt(t.accuracy) + split, fmt(t.confidence_gap, "+.3f"), fmt(t.ece)]
+            lines.append("| " + " | ".join(cells + [", ".join(t.flags) or "–"]) + " |")
+        lines += [f"\nNote: {note}." for note in self.notes]
         names = [t.name for t in self.tasks]
         lines += ["", "Pairwise cosines:", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {a} | " + " | ".join(f"{c:.3f}" for c in row) + " |" for a, row in zip(names, self.cosines)]
@@ -158,9 +191,15 @@ def diagnose(task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
              norm_ratio_threshold: float = NORM_RATIO_THRESHOLD,
              confidence_threshold: float = CONFIDENCE_THRESHOLD,
              target_confidence: float = TARGET_CONFIDENCE,
-             underconfidence_margin: float = UNDERCONFIDENCE_MARGIN) -> Diagnosis:
+             underconfidence_margin: float = UNDERCONFIDENCE_MARGIN,
+             text_confidence: Mapping[str, ConfidenceStats] | None = None,
+             validation_splits: Mapping[str, str] | None = None) -> Diagnosis:
     """Diagnose tasks from their vectors, teacher logits on unlabeled inputs and (logits, labels) of a
-    labeled validation split; the last two are optional and keyed by task name like ``task_vectors``."""
+    labeled validation split; the last two are optional and keyed by task name like ``task_vectors``.
+
+    ``text_confidence``: a causal LM's next-token confidence over free text (``text_confidence_stats``), for a
+    task without ``unlabeled_logits``; reported, never flagged. ``validation_splits``: task → what its
+    validation data is (``"validation"``, ``HOLD_OUT``), named beside its accuracy."""
     if not task_vectors:
         raise ConfigError("diagnose needs at least one task vector")
     if not norm_ratio_threshold >= 1:
@@ -170,9 +209,12 @@ def diagnose(task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
                           f"{confidence_threshold} and {target_confidence}")
     if not 0 <= underconfidence_margin < 1:
         raise ConfigError(f"underconfidence_margin must be in [0, 1), got {underconfidence_margin}")
-    for name in list(unlabeled_logits or {}) + list(validation or {}):
+    for name in list(unlabeled_logits or {}) + list(validation or {}) + list(text_confidence or {}):
         if name not in task_vectors:
             raise ConfigError(f"logits given for task {name!r}, which has no task vector")
+    both = set(unlabeled_logits or {}) & set(text_confidence or {})
+    if both:
+        raise ConfigError(f"tasks {sorted(both)} have both unlabeled logits and text confidence; give one")
     names = list(task_vectors)
     vectors = [v if isinstance(v, TaskVector) else TaskVector(v) for v in task_vectors.values()]
     norms = [v.norm() for v in vectors]
@@ -194,9 +236,16 @@ def diagnose(task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
             task.ece = expected_calibration_error(probs, labels)
             task.accuracy = float((probs.argmax(dim=1) == labels).double().mean())
             task.confidence_gap = task.accuracy - float(probs.max(dim=1).values.mean())
+            task.accuracy_split = (validation_splits or {}).get(name)
+        if text_confidence and name in text_confidence:
+            stats = text_confidence[name]
+            task.num_classes, task.mean_max_prob = stats.num_classes, stats.mean_max_prob
+            task.mean_entropy, task.scaled_confidence = stats.mean_entropy, stats.scaled_confidence
+            task.confidence_over = TEXT_TOKENS
         if unlabeled_logits and name in unlabeled_logits:
             logits = unlabeled_logits[name]
             stats = confidence_stats(logits)
+            task.confidence_over = INPUTS
             task.num_classes, task.mean_max_prob = stats.num_classes, stats.mean_max_prob
             task.mean_entropy, task.scaled_confidence = stats.mean_entropy, stats.scaled_confidence
             if task.accuracy is not None and stats.num_classes != validation[name][0].shape[1]:
@@ -266,3 +315,37 @@ def diagnose_models(pretrained: Mapping[str, torch.Tensor], sources: Sequence[So
             logits = predict_logits(source.model, source.validation, source.collate, batch_size, progress)
             validation[source.name] = (logits, labels_of(source.validation))
     return diagnose(vectors, unlabeled_logits, validation, **thresholds)
+
+
+@torch.no_grad()
+def text_confidence_stats(model: TaskModel, texts: Sequence[Any], collate: Collate, batch_size: int = 64,
+                          progress: bool = False) -> ConfidenceStats:
+    """A causal LM's label-free confidence on free text: mean max next-token probability and mean entropy over
+    every non-padding position of ``texts`` (the positions DisTaC distils), accumulated batch by batch so no
+    [texts, length, vocabulary] tensor is ever held."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    max_prob, entropy, positions, vocabulary = 0.0, 0.0, 0, 0
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc="confidence", unit="batch", disable=not progress):
+            inputs = {k: v.to(device) for k, v in collate(texts[start:start + batch_size]).items()}
+            logits, mask = model.distillation_outputs(inputs)
+            if mask is None:
+                raise ConfigError("text confidence is for causal LMs (next-token outputs); this model gives class "
+                                  "logits: read its confidence with predict_logits(..., confidence=True)")
+            log_probs = torch.log_softmax(logits[mask].float(), dim=-1)  # [positions, vocabulary]
+            probs = log_probs.exp()
+            max_prob += float(probs.max(dim=-1).values.double().sum())
+            entropy += float(-(probs * log_probs).sum(dim=-1).double().sum())
+            positions, vocabulary = positions + int(mask.sum()), int(logits.shape[-1])
+    finally:
+        model.train(was_training)
+    if not positions:
+        raise ConfigError("text confidence needs at least one non-padding position; the texts are empty")
+    return ConfidenceStats(mean_max_prob=max_prob / positions, mean_entropy=entropy / positions,
+                           num_classes=vocabulary)

@@ -60,6 +60,11 @@ def register(subparsers) -> None:
                "teacher_temperature": "T_tcr", "student_temperature": "T_stu (> T_tcr sharpens a low-confidence model)",
                "beta": "weight of β‖θ − θ_0‖²", "grad_clip": "0 disables clipping",
                "num_unlabeled": "unlabeled inputs to use (default: all)",
+               "batch_size": "unlabeled inputs per step; every step runs the student forward and backward on "
+                             "a batch (and the teacher forward, unless cached; causal LMs always), so time grows "
+                             "with batch × steps × sequence length: 128 × 500 steps is the paper's GPU setting, "
+                             "and 40 such steps took 9 minutes on 2 CPU cores; on a CPU try --batch-size 16 "
+                             "--steps 100 (docs/own-models.md)",
                "cache_teacher": "recompute the teacher on every step (the published code's behaviour; slower)"}))
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -74,13 +79,20 @@ def config_from_args(args: argparse.Namespace) -> DistacConfig:
                                grad_clip=args.grad_clip or None)
 
 
+def read_unlabeled_file(path: str, text_column: str = "text", text_pair_column: str | None = None) -> list:
+    """The inputs of an unlabeled file (.csv/.tsv/.jsonl/.parquet or a datasets directory; a label column is
+    ignored) as TextExamples without labels; a missing file, column or row is an error naming the file."""
+    from distac.data import UnlabeledSpec, read_unlabeled
+
+    return read_unlabeled(UnlabeledSpec(path=path), text_column, text_pair_column)
+
+
 def unlabeled_inputs(args: argparse.Namespace, loaded) -> tuple[str, list]:
     """(task name, unlabeled inputs): --unlabeled, else the training inputs of --data or the model's task."""
-    from distac.data import UnlabeledSpec, read_unlabeled
     from distac.data.examples import subsample
 
     if args.unlabeled:
-        inputs = read_unlabeled(UnlabeledSpec(path=args.unlabeled), args.text_column, args.text_pair_column)
+        inputs = read_unlabeled_file(args.unlabeled, args.text_column, args.text_pair_column)
         task = loaded.task or os.path.basename(str(args.finetuned).rstrip("/"))
         return task, subsample(inputs, args.num_unlabeled, f"unlabeled-{args.seed}")
     spec = data_specs(args, 1)[0]
