@@ -77,8 +77,8 @@ def predict_logits(model: TaskModel, examples: Sequence[Any], collate: Collate, 
 
 
 @torch.no_grad()
-def completion_perplexity(model: TaskModel, examples: Sequence[Any], collate: Collate, batch_size: int = 64
-                          ) -> float | None:
+def completion_perplexity(model: TaskModel, examples: Sequence[Any], collate: Collate, batch_size: int = 64,
+                          progress: bool = False) -> float | None:
     """exp(mean negative log-likelihood per token) of the gold completions of labeled ``examples`` after their
     prompts, for a generative model (``completion_nll``); None for a classifier."""
     if not hasattr(model, "completion_nll"):
@@ -88,11 +88,37 @@ def completion_perplexity(model: TaskModel, examples: Sequence[Any], collate: Co
     device = next(model.parameters()).device
     total, count = 0.0, 0.0
     try:
-        for start in range(0, len(examples), batch_size):
+        for start in tqdm(range(0, len(examples), batch_size), desc="perplexity", unit="batch",
+                          disable=not progress):
             chunk = examples[start:start + batch_size]
             inputs = {k: v.to(device) for k, v in collate(chunk).items()}
             nll, tokens = model.completion_nll(inputs, labels_of(chunk).to(device))
             total, count = total + float(nll.sum()), count + float(tokens.sum())
+    finally:
+        model.train(was_training)
+    return math.exp(total / count) if count else None
+
+
+@torch.no_grad()
+def text_perplexity(model: TaskModel, texts: Sequence[Any], collate: Collate, batch_size: int = 64,
+                    progress: bool = False) -> float | None:
+    """exp(mean negative log-likelihood per token) of free ``texts`` under a causal LM: every real token after
+    the first predicted from the ones before it (held-out perplexity); None for a classifier."""
+    if not hasattr(model, "completion_nll"):
+        return None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc="text perplexity", unit="batch",
+                          disable=not progress):
+            inputs = {k: v.to(device) for k, v in collate(texts[start:start + batch_size]).items()}
+            logits, mask = model.distillation_outputs(inputs)
+            targets = inputs["input_ids"][:, 1:]
+            where = mask[:, 1:] & mask[:, :-1]  # position p predicts token p + 1; both real
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1][where].float(), targets[where], reduction="sum")
+            total, count = total + float(nll), count + int(where.sum())
     finally:
         model.train(was_training)
     return math.exp(total / count) if count else None
@@ -171,7 +197,7 @@ def evaluate_task(model: TaskModel, examples: Sequence[Any], collate: Collate, *
     """Accuracy, confidence and ECE of ``model`` on labeled ``examples``."""
     logits = predict_logits(model, examples, collate, batch_size, progress)
     return evaluate_logits(task, logits, labels_of(examples), finetuned_accuracy,
-                           completion_perplexity(model, examples, collate, batch_size))
+                           completion_perplexity(model, examples, collate, batch_size, progress))
 
 
 # --------------------------------------------------------------------------------------------- merged
@@ -251,7 +277,7 @@ def evaluate_served(adapter: Builder, served: Served, heads: Sequence[Mapping[st
             logits = predict_logits(model, examples, adapter.collate, batch_size, progress)
             results.setdefault(label, []).append(
                 evaluate_logits(task.name, logits, labels, _finetuned_for(finetuned_accuracy, task.name),
-                                completion_perplexity(model, examples, adapter.collate, batch_size)
+                                completion_perplexity(model, examples, adapter.collate, batch_size, progress)
                                 if perplexity else None))
         del model
     return results
@@ -273,6 +299,23 @@ def evaluate_merged(adapter: Builder, pretrained_state: Mapping[str, torch.Tenso
                            heads, tasks, split=split, batch_size=batch_size, finetuned_accuracy=finetuned_accuracy,
                            device=device, progress=progress, on_task=on_task)
     return MergedEvaluation(method=merged.method, alpha=merged.alpha, split=split, tasks=rows[merged.alpha])
+
+
+def merged_text_perplexity(adapter: Builder, pretrained_state: Mapping[str, torch.Tensor], merged: Merged,
+                           texts: Sequence[Any], *, batch_size: int = 64, device: torch.device | str | None = None,
+                           progress: bool = False, collate: Collate | None = None) -> list[float | None]:
+    """``text_perplexity`` of the model each task of a merge is served with (θ_pre + merged.for_task(i)); one
+    pass when every task gets the same vector (every method but EMR)."""
+    device = resolve_device(device)
+    model = adapter.build(0).to(device).eval()  # free text needs no head
+    values: list[float | None] = []
+    for i in range(merged.num_tasks):
+        if merged.masks is None and values:
+            values.append(values[0])
+            continue
+        model.load_backbone(merged.for_task(i).apply_to(pretrained_state))
+        values.append(text_perplexity(model, texts, collate or adapter.collate, batch_size, progress))
+    return values
 
 
 # --------------------------------------------------------------------------------------------- α search
@@ -421,6 +464,30 @@ def per_task_table_markdown(evaluations: Sequence[MergedEvaluation],
         cells = [f"{_pct(by_task[n].accuracy)} ({_pct(by_task[n].normalized_accuracy)})" for n in task_names]
         lines.append(f"| {label} | " + " | ".join(cells)
                      + f" | {_pct(evaluation.mean_accuracy)} | {_pct(evaluation.mean_normalized_accuracy)} |")
+    return "\n".join(lines)
+
+
+def perplexity_table_markdown(evaluations: Sequence[MergedEvaluation],
+                              finetuned_perplexity: Mapping[str, float | None] | None = None,
+                              labels: Sequence[str] | None = None) -> str | None:
+    """Rows = merged models (and 'Individual': the source models), columns = tasks; each cell the perplexity of
+    the task's gold completions after its prompts (lower is better). None when no model is generative."""
+    if not evaluations:
+        raise ConfigError("nothing to tabulate")
+    task_names = [t.task for t in evaluations[0].tasks]
+    if all(t.perplexity is None for e in evaluations for t in e.tasks):
+        return None
+    labels = labels or [e.method if e.alpha is None else f"{e.method} (α={e.alpha:g})" for e in evaluations]
+
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{value:.4g}"
+
+    lines = ["| Perplexity (gold completions) | " + " | ".join(task_names) + " |", "|---|" + "---|" * len(task_names)]
+    if finetuned_perplexity is not None:
+        lines.append("| Individual | " + " | ".join(cell(finetuned_perplexity.get(n)) for n in task_names) + " |")
+    for label, evaluation in zip(labels, evaluations):
+        by_task = {t.task: t for t in evaluation.tasks}
+        lines.append(f"| {label} | " + " | ".join(cell(by_task[n].perplexity) for n in task_names) + " |")
     return "\n".join(lines)
 
 
