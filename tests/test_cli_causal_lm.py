@@ -1,5 +1,6 @@
 """`distac diagnose` and `distac evaluate` on causal LMs from the command line: next-token confidence over free
-text, the split accuracy comes from, gold-completion and held-out text perplexity, --no-progress.
+text, the split accuracy comes from, gold-completion and held-out text perplexity, --no-progress (and, for
+comparison, a classifier's confidence on the same --unlabeled texts).
 
 Tiny random Llamas with a word-level tokenizer are built in the test (tests/causal_helpers.py); every number is
 checked against a plain transformers forward pass."""
@@ -149,3 +150,28 @@ def test_evaluate_shows_progress_unless_told_not_to(llamas, capsys):
     assert main([*argv, "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "predict" not in captured.err and "perplexity (gold completions)" in captured.out
+
+
+def test_diagnose_reads_a_classifiers_confidence_on_unlabeled_texts_over_its_classes(tmp_path):
+    """--unlabeled is not only for causal LMs: a sequence classifier with no task data gets its label-free
+    confidence over its classes on the file's texts (and the low-confidence check by threshold)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from distac.models.text import create_random_encoder
+
+    pretrained = create_random_encoder(tmp_path / "pre")
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_pretrained(pretrained, num_labels=3).eval()
+    classifier.save_pretrained(tmp_path / "ft")
+    tokenizer.save_pretrained(tmp_path / "ft")
+    texts = _jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in TEXTS])
+    out = tmp_path / "diagnosis.json"
+    assert main(["diagnose", "--pretrained", pretrained, "--finetuned", str(tmp_path / "ft"), "--unlabeled", texts,
+                 "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["tasks"]
+    with torch.no_grad():
+        logits = classifier(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+    assert row["num_classes"] == 3 and row["confidence_over"] == "inputs"
+    assert row["mean_max_prob"] == pytest.approx(torch.softmax(logits.double(), -1).max(-1).values.mean().item(),
+                                                 rel=1e-4)
