@@ -79,19 +79,30 @@ def hyperparameters_from_args(method_name: str, alpha: float | None, settings: l
 def run_merge(args: argparse.Namespace) -> int:
     from distac.models.resolve import paired_backbones
 
+    if (args.out_format == "lora") != (args.rank is not None):
+        raise ConfigError("--out-format lora needs --rank R, and --rank is only for --out-format lora")
+
     method = get_method(args.method, **hyperparameters_from_args(args.method, args.alpha, args.set))
     pretrained, finetuned = paired_backbones(args.pretrained, args.finetuned)  # any model form; checked up front
     record = merge_checkpoints(method, pretrained, finetuned, args.out, include=args.include,
                                exclude=args.exclude, device=args.device, max_shard_bytes=args.shard_size,
                                progress=not args.no_progress, write_model=not args.no_model,
-                               overwrite=args.overwrite, read_ahead_bytes=args.read_ahead)
+                               overwrite=args.overwrite, read_ahead_bytes=args.read_ahead,
+                               lora_rank=args.rank if args.out_format == "lora" else None)
     settings = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(method).items()) or "no hyperparameters"
     print(f"merged {record['num_tasks']} tasks over {record['num_tensors']} tensors with {method.name} "
           f"({settings}) into {args.out}")
     if record["scales"] is not None:
         print("per-task scales: " + ", ".join(f"{s:.6g}" for s in record["scales"]))
     outputs, auto_class = record["outputs"], export.AUTO_CLASSES.get(record["export"] or "")
-    if outputs["model"] == ".":
+    if outputs.get("lora"):
+        lora = outputs["lora"]
+        where = ", ".join(io.join_uri(args.out, d) if d != "." else str(args.out) for d in lora["adapters"])
+        print(f"rank-{lora['rank']} LoRA adapter ({lora['lora']} tensors as B·A, relative Frobenius error max "
+              f"{lora['max_relative_error']:.3g}, mean {lora['mean_relative_error']:.3g}; "
+              f"{len(lora['modules_to_save'])} modules stored whole; per tensor: "
+              f"{io.join_uri(args.out, lora['report'])}) at {where}: PeftModel.from_pretrained(base, ...)")
+    elif outputs["model"] == ".":
         print(f"{args.out} is a transformers model: {auto_class}.from_pretrained({str(args.out)!r})")
     elif outputs["tasks"]:
         print(f"one transformers model per task ({auto_class}.from_pretrained): "
@@ -137,6 +148,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--read-ahead", type=parse_size_or_zero, default=READ_AHEAD_BYTES, metavar="SIZE",
                         help="read the next tensor's inputs (as float32, all tasks) while the current one merges "
                              "when they fit in SIZE, e.g. 1GB (default), 0 (off: half the input memory)")
+    parser.add_argument("--out-format", choices=["model", "lora"], default="model",
+                        help="model (default): the served model(s); lora: τ_m as a peft LoRA adapter at OUT "
+                             "(classifiers: OUT/task-<i> with each task's head), by truncated SVD; the relative "
+                             "error per tensor goes to OUT/lora_report.json (transformers models only; not emr)")
+    parser.add_argument("--rank", type=int, help="LoRA rank R for --out-format lora")
     parser.add_argument("--no-model", action="store_true",
                         help="write only the merged vector (and emr's masks), not the served models")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -14,7 +14,9 @@ and the served model θ_pre + τ_m:
   (config, tokenizer, weights, README.md model card; ``distac.export``); EMR: one such directory per task,
   OUT/task-<i>/;
 - transformers sequence classifiers: OUT/task-<i>/ per task, each with task i's own head and pooler;
-- anything else: model/, θ_pre + τ_m over every pretrained key (other keys passed through); not for EMR.
+- anything else: model/, θ_pre + τ_m over every pretrained key (other keys passed through); not for EMR;
+- with ``lora_rank``: instead, τ_m as a peft LoRA adapter (``distac.models.lora.write_adapter``): OUT itself
+  (classifiers: OUT/task-<i>/ with each task's head) and OUT/lora_report.json.
 
 Memory holds the T input tensors of two keys (the one being merged and the next, read ahead in a
 background thread) plus one shard buffer: ``max_shard_bytes`` for the vector, and
@@ -130,18 +132,26 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
                       include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                       device: torch.device | str | None = None, max_shard_bytes: int = io.DEFAULT_SHARD_BYTES,
                       progress: bool = True, write_model: bool = True, overwrite: bool = False,
-                      read_ahead_bytes: int = READ_AHEAD_BYTES) -> dict[str, Any]:
+                      read_ahead_bytes: int = READ_AHEAD_BYTES, lora_rank: int | None = None) -> dict[str, Any]:
     """Merge fine-tuned checkpoints tensor by tensor into OUT (layout in the module docstring).
 
     OUT must not be or contain an input; it may hold an earlier merge, anything else only with ``overwrite``.
     ``read_ahead_bytes`` bounds the next key's inputs read while the current key merges (0: no reading ahead).
     Inputs may also be lazy mappings (``distac.models.resolve.backbone_checkpoint`` views of any model form);
     views of transformers causal LMs or sequence classifiers (``paired_backbones``) get loadable exports.
+    ``lora_rank`` writes τ_m as a rank-``lora_rank`` LoRA adapter instead of the served model.
     Returns the record written to OUT/merge.json.
     """
     method = get_method(method) if isinstance(method, str) else method
     if not finetuned_uris:
         raise ConfigError("merging needs at least one fine-tuned checkpoint")
+    if lora_rank is not None:
+        from distac.models.lora import check_rank
+
+        if method.per_task:
+            raise ConfigError(f"{method.name} serves each task its own vector; it cannot be written as one LoRA "
+                              "adapter (merge without --out-format lora)")
+        check_rank(pretrained_uri, lora_rank)
     device = resolve_device(device)
     out_uri = str(out_uri).rstrip("/")
     pretrained = pretrained_uri if isinstance(pretrained_uri, Mapping) else io.open_checkpoint(pretrained_uri)
@@ -177,7 +187,12 @@ def merge_checkpoints(method: MergeMethod | str, pretrained_uri: str, finetuned_
                                    "masks": [mask_dir(i) for i in range(num_tasks)] if method.per_task else None}
         described = None
         staged_vector = io.open_checkpoint(os.path.join(staging, VECTOR_DIR))
-        if write_model and export_kind is not None:
+        if lora_rank is not None:
+            from distac.models.lora import write_adapter
+
+            outputs["lora"] = write_adapter(staging, pretrained_uri, staged_vector, lora_rank, finetuned_uris,
+                                            progress)
+        elif write_model and export_kind is not None:
             described = export.describe_sources(pretrained_uri, finetuned_uris)
             provenance = export.Provenance("merge", method.name, dataclasses.asdict(method),
                                            method.alpha if method.has_alpha else None, described, num_tasks)

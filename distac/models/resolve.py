@@ -2,7 +2,8 @@
 checkpoint (directory, hub id from the local cache, or s3:// directory), a model spec file (JSON, e.g.
 ``{"kind": "open_clip", "model_name": "ViT-B-32", "pretrained": "openai"}``: θ_pre of a model family), or a bare
 checkpoint file (safetensors, a state dict, or a pickled module such as the task-vector literature's saved
-image encoders, read without executing code from it: ``distac.models.pickled``).
+image encoders, read without executing code from it: ``distac.models.pickled``), or a peft LoRA adapter
+directory (θ_pre + ΔW over its base: ``distac.models.lora``).
 
 - ``load_model(uri, pretrained=...)`` → ``LoadedModel`` (adapter, TaskModel in eval mode, meta with
   ``class_names``) for every form that defines a model;
@@ -31,7 +32,7 @@ from distac.models import build_adapter, store
 from distac.models.base import ModelAdapter
 from distac.models.store import LoadedModel
 
-FORMS = ("distac", "hf", "spec", "checkpoint")
+FORMS = ("distac", "hf", "lora", "spec", "checkpoint")
 SPEC_SUFFIX = ".json"
 ZERO_SHOT_KINDS = ("open_clip", "hf_clip")
 HF_CLIP_TYPES = ("clip", "clip_vision_model")
@@ -75,8 +76,8 @@ def _hub_snapshot(repo_id: str) -> str | None:
 
 
 def model_form(uri: str | os.PathLike) -> str:
-    """'distac' (has meta.json), 'hf' (a transformers directory or cached hub id), 'spec' (a JSON model
-    spec) or 'checkpoint'."""
+    """'distac' (has meta.json), 'hf' (a transformers directory or cached hub id), 'lora' (a peft adapter
+    directory), 'spec' (a JSON model spec) or 'checkpoint'."""
     uri = _bundled(str(uri).rstrip("/"))
     if _is_hub_id(uri):
         if _hub_snapshot(uri) is None:
@@ -85,6 +86,10 @@ def model_form(uri: str | os.PathLike) -> str:
         return "hf"
     if _exists(store.meta_uri(uri)):
         return "distac"
+    from distac.models.lora import is_adapter_dir
+
+    if is_adapter_dir(uri):
+        return "lora"
     if _exists(io.join_uri(uri, HF_CONFIG)):
         return "hf"
     if not _exists(uri):
@@ -264,6 +269,10 @@ def backbone_checkpoint(uri: str | os.PathLike) -> BackboneView:
         return BackboneView(io.open_checkpoint(target), uri, form=form)
     if form == "checkpoint":
         return BackboneView(open_raw_checkpoint(uri), uri)
+    if form == "lora":  # θ_pre + ΔW over the adapter's own base model
+        from distac.models.lora import adapter_view
+
+        return adapter_view(uri)
     if form == "spec":
         state = build_adapter(read_model_spec(uri)).pretrained_backbone_state()
         return BackboneView(io.CheckpointReader(uri, tensors=state), uri, form=form)
@@ -296,6 +305,15 @@ def align_to(view: BackboneView, reference: Mapping[str, torch.Tensor]) -> Backb
     return view
 
 
+def _finetuned_view(uri: str | os.PathLike, pre: BackboneView) -> BackboneView:
+    """A fine-tuned model's backbone; a LoRA adapter's is θ_pre (``pre``) + ΔW."""
+    if model_form(uri) == "lora":
+        from distac.models.lora import adapter_view
+
+        return adapter_view(str(uri).rstrip("/"), pre)
+    return backbone_checkpoint(uri)
+
+
 def paired_backbones(pretrained: str | os.PathLike | BackboneView, finetuned: Sequence[str | os.PathLike]
                      ) -> tuple[BackboneView, list[BackboneView]]:
     """θ_pre restricted to the fine-tuned models' backbone keys (unless θ_pre is a bare checkpoint, whose other
@@ -305,7 +323,7 @@ def paired_backbones(pretrained: str | os.PathLike | BackboneView, finetuned: Se
     another shape, naming the tensor and both files.
     """
     pre = pretrained if isinstance(pretrained, BackboneView) else backbone_checkpoint(pretrained)
-    models = [align_to(backbone_checkpoint(uri), pre) for uri in finetuned]
+    models = [align_to(_finetuned_view(uri, pre), pre) for uri in finetuned]
     for model in models:
         if pre.form == model.form == "hf":
             ours, theirs = hf_config(model.uri).get("model_type"), hf_config(pre.uri).get("model_type")
@@ -408,6 +426,11 @@ def load_model(uri: str | os.PathLike, pretrained: str | os.PathLike | None = No
     form = model_form(uri)
     if form == "distac":
         return store.load_task_model(uri)
+    if form == "lora":
+        from distac.models.lora import load_adapter_model
+
+        return load_adapter_model(uri, pretrained, task=task, class_names=class_names, max_length=max_length,
+                                  adapter=adapter)
     if form == "checkpoint":
         return load_image_tower(uri, pretrained, class_names, task, adapter)
     if form == "spec":
@@ -496,6 +519,10 @@ def model_family(uri: str | os.PathLike) -> str | None:
         return store.load_meta(uri)["adapter"]["kind"]
     if form == "hf":
         return {"clip": "hf_clip", "causal_lm": "hf_causal_lm"}.get(hf_kind(uri), "hf_seqcls")
+    if form == "lora":
+        from distac.models.lora import adapter_family
+
+        return adapter_family(uri)
     return None
 
 
