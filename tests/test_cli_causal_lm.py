@@ -152,6 +152,20 @@ def test_evaluate_shows_progress_unless_told_not_to(llamas, capsys):
     assert "predict" not in captured.err and "perplexity (gold completions)" in captured.out
 
 
+def test_evaluate_takes_causal_lms_alone_without_their_base_and_refuses_to_merge_them(llamas, tmp_path):
+    out = tmp_path / "alone.json"
+    specs = [llamas["train_only"]] * 2
+    assert main(["evaluate", "--finetuned", *llamas["ft"][:2], "--data", *specs, "--no-progress",
+                 "--json", str(out)]) == 0
+    with_base = tmp_path / "with_base.json"
+    assert main(["evaluate", "--pretrained", llamas["pre"], "--finetuned", *llamas["ft"][:2], "--data", *specs,
+                 "--no-progress", "--json", str(with_base)]) == 0
+    alone, based = (json.loads(p.read_text())["models"] for p in (out, with_base))
+    assert [r["accuracy"] for r in alone] == [r["accuracy"] for r in based]
+    assert [r["perplexity"] for r in alone] == pytest.approx([r["perplexity"] for r in based])
+    assert main(["evaluate", "--finetuned", *llamas["ft"][:2], "--data", *specs, "--merged", str(tmp_path)]) == 2
+
+
 def test_diagnose_reads_a_classifiers_confidence_on_unlabeled_texts_over_its_classes(tmp_path):
     """--unlabeled is not only for causal LMs: a sequence classifier with no task data gets its label-free
     confidence over its classes on the file's texts (and the low-confidence check by threshold)."""

@@ -134,12 +134,12 @@ def _is_clip_dir(uri: str) -> bool:
     return model_form(uri) == "hf" and hf_config(uri).get("model_type") in HF_CLIP_TYPES
 
 
-def load_models(uris: Sequence[str], pretrained: str | None, specs: Sequence[Any], args: argparse.Namespace
-                ) -> list[Any]:
-    """Every fine-tuned model, in any form; one model family for all of them."""
+def load_models(uris: Sequence[str], pretrained: str | None, specs: Sequence[Any], args: argparse.Namespace,
+                same_family: bool = True) -> list[Any]:
+    """Every fine-tuned model, in any form; with ``same_family`` (anything merged), one model family for all."""
     loaded = [load_model_for(uri, pretrained, spec, args) for uri, spec in zip(uris, specs)]
     families = {json.dumps(m.adapter.spec(), sort_keys=True) for m in loaded}
-    if len(families) > 1:
+    if same_family and len(families) > 1:
         raise ConfigError(f"the fine-tuned models come from different model families: {sorted(families)}")
     return loaded
 

@@ -113,15 +113,16 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     progress = not args.no_progress
     specs = data_specs(args, len(args.finetuned))
-    loaded = load_models(args.finetuned, args.pretrained, specs, args)
+    # each source alone may be of its own family (e.g. causal LMs without --pretrained); a merge needs one
+    loaded = load_models(args.finetuned, args.pretrained, specs, args, same_family=bool(args.merged or args.method))
     tasks = [task_data(m, uri, spec, args, max_eval=args.max_eval)
              for m, uri, spec in zip(loaded, args.finetuned, specs)]
     adapter = loaded[0].adapter
     texts = _held_out_texts(args, loaded)
-    text_collate = plain_text_collate(adapter) if texts is not None else None
     rows = []
     for uri, model, task in zip(args.finetuned, loaded, tasks):
-        result = evaluate_task(model.model, getattr(task, args.split), adapter.collate, task=task.name,
+        text_collate = plain_text_collate(model.adapter) if texts is not None else None
+        result = evaluate_task(model.model, getattr(task, args.split), model.adapter.collate, task=task.name,
                                batch_size=args.batch_size, progress=progress)
         row = {"model": uri, "task": task.name, "accuracy": result.accuracy, "perplexity": result.perplexity}
         if texts is not None:
@@ -161,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
             lines += ["", perplexities]
         if texts is not None:
             merged_text = merged_text_perplexity(adapter, pretrained, merged, texts, batch_size=args.batch_size,
-                                                 device=args.device, progress=progress, collate=text_collate)
+                                                 device=args.device, progress=progress,
+                                                 collate=plain_text_collate(adapter))
             report["merged"]["text_perplexity"] = dict(zip([t.name for t in tasks], merged_text))
             lines += ["", f"| Perplexity on {args.text} | " + " | ".join(t.name for t in tasks) + " |",
                       "|---|" + "---|" * len(tasks),
