@@ -72,7 +72,12 @@ def distac_version() -> str:
 def _is_transformers(view: Any) -> bool:
     from distac.models.resolve import BackboneView
 
-    return isinstance(view, BackboneView) and view.form == "hf"
+    return isinstance(view, BackboneView) and (view.form == "hf" or _lora_causal_lm(view))
+
+
+def _lora_causal_lm(view: Any) -> bool:
+    """A LoRA adapter of a transformers causal LM (``distac.models.lora.AdapterView``): exported as its base is."""
+    return getattr(view, "form", None) == "lora" and getattr(view, "task", None) == "causal_lm"
 
 
 def export_kind(pretrained: Any, finetuned: Sequence[Any]) -> str | None:
@@ -86,7 +91,7 @@ def export_kind(pretrained: Any, finetuned: Sequence[Any]) -> str | None:
 
     if not _is_transformers(pretrained) or not all(_is_transformers(view) for view in finetuned):
         return None
-    kinds = {hf_kind(view.uri) for view in finetuned}
+    kinds = {"causal_lm" if _lora_causal_lm(view) else hf_kind(view.uri) for view in finetuned}
     pre_kind = hf_kind(pretrained.uri)
     if pre_kind == "causal_lm" and kinds <= {"causal_lm"}:
         return "causal_lm"
@@ -188,8 +193,11 @@ def export_tensors(target: Layout, pretrained: Mapping[str, torch.Tensor], vecto
 
 def weights_files(uri: str) -> list[str]:
     """The local weights files of a transformers directory: its single file, or the shards its index names."""
+    from distac.models.lora import ADAPTER_WEIGHTS, is_adapter_dir
     from distac.models.resolve import hf_weights_uri
 
+    if is_adapter_dir(uri):  # a LoRA adapter: its adapter weights
+        return [path for path in (os.path.join(uri, name) for name in ADAPTER_WEIGHTS) if os.path.exists(path)]
     path = hf_weights_uri(uri)
     if not path.endswith(".index.json"):
         return [path]

@@ -118,6 +118,21 @@ def test_delta_of_causal_lm_adapters_is_merge_and_unload_minus_the_base(llama):
     assert moved[1] == 4 * 2 + 1  # four projections per layer and lm_head
 
 
+def test_delta_of_a_conv1d_adapter_is_merge_and_unload_minus_the_base(tmp_path):
+    """GPT-2's Conv1D weights are [in, out]: peft's fan_in_fan_out transposes B·A."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    pretrained = save_causal_lm(tiny_causal_lm("gpt2"), tmp_path / "pre")
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(pretrained),
+                             LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                        task_type="CAUSAL_LM"))
+    _perturb_lora(wrapped, 3)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    merged = {k: v.detach() for k, v in wrapped.merge_and_unload().state_dict().items()}
+    assert _check_delta(pretrained, str(tmp_path / "adapter"), merged, "") == 2 * 2
+
+
 def test_an_adapter_is_served_as_peft_serves_it(bert, llama):
     from transformers import AutoModelForSequenceClassification
 
@@ -190,6 +205,18 @@ def test_cli_merges_adapters(bert, tmp_path):
         assert torch.allclose(merged[key].float(), value, atol=1e-6), key
 
 
+def test_a_merge_of_causal_lm_adapters_loads_with_from_pretrained(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    record = _merge(llama["pre"], llama["adapters"], tmp_path / "merged")
+    assert record["export"] == "causal_lm" and record["outputs"]["model"] == "."
+    assert [len(source["files"] or []) for source in record["sources"]] == [1, 1, 1]  # adapters' sha256 too
+    state = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).state_dict()
+    base = backbone_checkpoint(llama["pre"])
+    for key, delta in _expected_vector(llama["pre"], llama["adapters"]).items():
+        assert torch.allclose(state[key].float() - base[key].float(), delta, atol=1e-6), key
+
+
 def test_evaluate_and_diagnose_take_an_adapter(bert, tmp_path):
     rows = [("a good film", "pos"), ("a bad film", "neg"), ("fine plot", "mid")] * 4
     for split in ("train", "test"):
@@ -205,6 +232,20 @@ def test_evaluate_and_diagnose_take_an_adapter(bert, tmp_path):
     norms = {row["name"]: row["norm"] for row in json.loads((tmp_path / "diag.json").read_text())["tasks"]}
     view = paired_backbones(bert["pre"], bert["adapters"][:1])[1][0]
     assert norms["a"] == pytest.approx(float(torch.sqrt(sum((view.delta(k) ** 2).sum() for k in view))), rel=1e-4)
+
+
+def test_condition_takes_an_adapter(bert, tmp_path):
+    unlabeled = tmp_path / "unlabeled.csv"
+    unlabeled.write_text("text\n" + "".join(f"\"{t}\"\n" for t in TEXTS * 3))
+    out = tmp_path / "conditioned"
+    assert main(["condition", "--pretrained", bert["pre"], "--finetuned", bert["adapters"][0], "--out", str(out),
+                 "--unlabeled", str(unlabeled), "--steps", "2", "--batch-size", "4", "--kappa", "0.5",
+                 "--no-progress"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    view = paired_backbones(bert["pre"], bert["adapters"][:1])[1][0]
+    norm = float(torch.sqrt(sum((view.delta(k) ** 2).sum() for k in view)))
+    assert history["original_norm"] == pytest.approx(norm, rel=1e-4)
+    assert (out / "model" / "meta.json").exists()
 
 
 def _peft_merged(model, adapter: str) -> dict[str, torch.Tensor]:

@@ -585,7 +585,13 @@ def write_adapter(directory: str, pretrained: BackboneView, vector: Mapping[str,
     errors = [entry["relative_error"] for entry in report.values() if entry["stored"] == "lora"]
     summary = {"rank": rank, "tensors": len(report), "lora": len(errors), "modules_to_save": sorted(whole),
                "max_relative_error": max(errors), "mean_relative_error": sum(errors) / len(errors),
-               "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)) and kind == "causal_lm"}
+               "notes": []}
+    if kind == "causal_lm" and getattr(model.config, "tie_word_embeddings", False) and any(
+            layer == "embedding" for layer in targets.values()):
+        summary["notes"].append("the embedding is tied to lm_head: its LoRA reaches lm_head only in the merged "
+                                "model (merge_and_unload()), not in peft's unmerged forward")
+    for note in summary["notes"]:
+        log.warning("%s: %s", directory, note)
     directories = ["."]
     if kind == "seqcls" and finetuned:
         directories = [f"task-{i}" for i in range(len(finetuned))]
