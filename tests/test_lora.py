@@ -4,9 +4,7 @@ loads. Tiny random models built here; nothing is downloaded."""
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -14,9 +12,8 @@ import pytest
 import torch
 
 from causal_helpers import save_causal_lm, tiny_causal_lm
-from distac import io
 from distac.cli import main
-from distac.errors import CheckpointError, ConfigError, MismatchError
+from distac.errors import CheckpointError, MismatchError
 from distac.models.resolve import backbone_checkpoint, load_model, model_form, paired_backbones
 
 peft = pytest.importorskip("peft")

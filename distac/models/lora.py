@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,10 +46,14 @@ UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "trainable_token_indices": "traina
                "layer_replication": "layer replication", "target_parameters": "LoRA on bare parameters"}
 
 
+def _exists(uri: str) -> bool:
+    fs, path = io.url_to_fs(uri)
+    return fs.exists(path)
+
+
 def is_adapter_dir(uri: str | os.PathLike) -> bool:
     """Whether ``uri`` is a peft adapter directory (it holds adapter_config.json)."""
-    fs, path = io.url_to_fs(io.join_uri(str(uri).rstrip("/"), ADAPTER_CONFIG))
-    return fs.exists(path)
+    return _exists(io.join_uri(str(uri).rstrip("/"), ADAPTER_CONFIG))
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -142,9 +146,7 @@ def read_adapter(uri: str | os.PathLike) -> LoraAdapter:
     for name, what in UNSUPPORTED.items():
         if config.get(name):
             raise CheckpointError(f"{config_uri}: {what} is not supported (only plain LoRA: ΔW = s·B·A)")
-    weights = next((io.join_uri(uri, name) for name in ADAPTER_WEIGHTS
-                    if io.url_to_fs(io.join_uri(uri, name))[0].exists(io.url_to_fs(io.join_uri(uri, name))[1])),
-                   None)
+    weights = next((io.join_uri(uri, name) for name in ADAPTER_WEIGHTS if _exists(io.join_uri(uri, name))), None)
     if weights is None:
         raise CheckpointError(f"{uri} has {ADAPTER_CONFIG} but no adapter weights (looked for "
                               f"{', '.join(ADAPTER_WEIGHTS)})")
@@ -241,7 +243,7 @@ class AdapterView(BackboneView):
         self._source = {key: key for key in keys}
         self.targets: dict[str, str] = {}  # backbone key → the adapter's parameter name
         for name in adapter.keys():
-            key = self._backbone_key(name, keys)
+            key = self._backbone_key(name)
             if key is not None:
                 self.targets[key] = name
         for key, name in self.targets.items():  # shapes checked before any work
@@ -252,11 +254,11 @@ class AdapterView(BackboneView):
                                     f"{tuple(adapter.reader.shape(adapter.whole[name]))}, {tuple(base.shape(key))} "
                                     f"in the pretrained model {base.uri}")
 
-    def _backbone_key(self, name: str, keys: Sequence[str]) -> str | None:
-        known = self._source
-        candidates = [name, name.split(".", 1)[-1]]  # the name itself, or without the model's prefix ('bert.')
-        for candidate in candidates:
-            if candidate in known:
+    def _backbone_key(self, name: str) -> str | None:
+        """θ_pre's key of the adapter's parameter ``name`` (itself, or without the model's prefix 'bert.'); None
+        for a classifier's head."""
+        for candidate in (name, name.split(".", 1)[-1]):
+            if candidate in self._source:
                 return candidate
         first, rest = name.split(".", 1)[0], name.split(".", 1)[-1]
         if self.task == "seqcls" and (first in HEAD_MODULES or rest.split(".", 1)[0] in HEAD_MODULES):
