@@ -224,6 +224,15 @@ def test_evaluate_and_diagnose_take_an_adapter(bert, tmp_path):
                  "--json", str(tmp_path / "eval.json")]) == 0
     accuracy = json.loads((tmp_path / "eval.json").read_text())["models"][0]["accuracy"]
     assert 0.0 <= accuracy <= 1.0
+    two = tmp_path / "polarity.csv"  # the second adapter's task has two classes
+    two.write_text("review,stars\n" + "".join(f"{t},{s}\n" for t, s in rows if s != "mid"))
+    polarity = tmp_path / "polarity.yaml"
+    polarity.write_text(f"train: {two}\ntest: {two}\ntext: review\nlabel: stars\n")
+    _merge(bert["pre"], bert["adapters"], tmp_path / "merged")
+    assert main(["evaluate", "--finetuned", *bert["adapters"], "--pretrained", bert["pre"], "--data", str(spec),
+                 str(polarity), "--merged", str(tmp_path / "merged"), "--json", str(tmp_path / "merged.json")]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())["merged"]
+    assert merged["alpha"] == 0.7 and len(merged["tasks"]) == 2
     assert main(["diagnose", "--pretrained", bert["pre"], "--finetuned", *bert["adapters"], "--names", "a", "b",
                  "--json", str(tmp_path / "diag.json")]) == 0
     norms = {row["name"]: row["norm"] for row in json.loads((tmp_path / "diag.json").read_text())["tasks"]}
