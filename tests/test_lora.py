@@ -325,3 +325,23 @@ def test_classifier_lora_output_carries_each_task_head(bert, tmp_path):
             assert torch.allclose(state["bert." + key].float() - base[key].float(), delta, atol=1e-5), key
         for key in ("classifier.weight", "classifier.bias", "bert.pooler.dense.weight"):
             assert torch.allclose(state[key], heads[task][key], atol=1e-6), (task, key)
+
+
+def test_a_causal_lm_adapter_is_scored_on_its_task_like_its_merged_model(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    rows = [("a good film", "good"), ("a bad film", "bad"), ("fine plot", "good"), ("awful acting", "bad")] * 2
+    data = tmp_path / "films.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    spec = tmp_path / "films.yaml"
+    spec.write_text(f"train: {data}\ntest: {data}\n")
+    model = AutoModelForCausalLM.from_pretrained(llama["pre"])
+    model.load_state_dict(llama["merged"][1])
+    unloaded = save_causal_lm(model, tmp_path / "unloaded")  # what merge_and_unload() gives, as a checkpoint
+    reports = []
+    for name, source in (("adapter", llama["adapters"][1]), ("unloaded", unloaded)):
+        assert main(["evaluate", "--pretrained", llama["pre"], "--finetuned", source, "--data", str(spec),
+                     "--template", "{text_a} :", "--no-progress", "--json", str(tmp_path / f"{name}.json")]) == 0
+        reports.append(json.loads((tmp_path / f"{name}.json").read_text())["models"][0])
+    assert reports[0]["accuracy"] == reports[1]["accuracy"]
+    assert reports[0]["perplexity"] == pytest.approx(reports[1]["perplexity"], rel=1e-5)

@@ -114,18 +114,32 @@ def load_model_for(uri: str, pretrained: str | None, spec: Any, args: argparse.N
     from distac.models.resolve import hf_kind, load_causal_lm, load_model, model_form
 
     form = model_form(uri)
+    template = getattr(args, "template", None)
     if form == "hf" and hf_kind(uri) == "causal_lm":  # scored on its task's completions, when data names them
-        template = getattr(args, "template", None)
         if spec is None:
             return load_causal_lm(uri, pretrained, template=template)
         data = _load_data(spec, uri, args, None, None)
         return load_causal_lm(uri, pretrained, class_names=data.class_names, task=data.name, template=template)
+    if form == "lora" and _adapter_of_causal_lm(uri, pretrained):  # the same, for a causal LM's LoRA adapter
+        from distac.models.lora import load_adapter_model
+
+        if spec is None:
+            return load_adapter_model(uri, pretrained, template=template)
+        data = _load_data(spec, uri, args, None, None)
+        return load_adapter_model(uri, pretrained, class_names=data.class_names, task=data.name, template=template)
     if form != "checkpoint" and not _is_clip_dir(uri):
         return load_model(uri, pretrained)
     if spec is None:
         raise ConfigError(f"{uri} is a bare checkpoint: give its task with --data (for the zero-shot head)")
     data = _load_data(spec, uri, args, None, None)
     return load_model(uri, pretrained, class_names=data.class_names, task=data.name)
+
+
+def _adapter_of_causal_lm(uri: str, pretrained: str | None) -> bool:
+    from distac.models.lora import adapter_task, base_model_uri, read_adapter
+
+    adapter = read_adapter(uri)
+    return adapter_task(adapter, base_model_uri(adapter, pretrained)) == "causal_lm"
 
 
 def _is_clip_dir(uri: str) -> bool:

@@ -354,9 +354,10 @@ def _resize_linear(model: nn.Module, name: str, value: torch.Tensor, adapter: Lo
 
 def load_adapter_model(uri: str, pretrained: str | os.PathLike | None = None, *, task: str | None = None,
                        class_names: Sequence[str] | None = None, max_length: int | None = None,
-                       adapter: Any = None) -> Any:
+                       adapter: Any = None, template: str | None = None) -> Any:
     """An adapter directory as a ``LoadedModel``: θ_pre's transformers model (``pretrained``, else the adapter's
-    base) with the adapter merged in; a sequence classifier's head is the adapter's stored classifier."""
+    base) with the adapter merged in; a sequence classifier's head is the adapter's stored classifier, a causal
+    LM is scored on ``class_names`` after prompts formatted by ``template``."""
     from distac.models import build_adapter
     from distac.models.hf_seqcls import class_names_from_config, final_layer, has_tokenizer
     from distac.models.resolve import local_hf_dir, model_form, paired_backbones
@@ -378,6 +379,8 @@ def load_adapter_model(uri: str, pretrained: str | os.PathLike | None = None, *,
                                 "tokenizer": tokenizer}
         if max_length is not None or kind == "seqcls":
             spec["max_length"] = max_length
+        if template is not None and kind == "causal_lm":
+            spec["template"] = template
         adapter = build_adapter(spec)
     full = copy.deepcopy(adapter._full)
     merge_into(lora, full)
