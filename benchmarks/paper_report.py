@@ -15,6 +15,17 @@ from distac.pipeline.report import results_markdown, results_rows
 from distac.pipeline.stages import task_data
 
 
+NORMALIZATION = (
+    "Normalized accuracy is a merged model's test accuracy on a task over that of the task's fine-tuned source "
+    "**in the same setting and seed** (the setting's `individual` row): each setting is normalized by its own "
+    "sources, so the norm-mismatch and low-confidence settings by their modified sources, not by the original "
+    "setting's. A stronger mismatched source raises its own reference, and a mean can rise while one task "
+    "collapses: the per-setting tables give the worst task's normalized accuracy beside the mean.")
+GOAL_REFERENCE = (
+    "Each side of a difference is normalized by its own setting's sources (the broken setting's, the original "
+    "setting's), so a difference compares those two ratios, not accuracies against one common reference.")
+
+
 def _read(store: RunStore, made: StageRef, name: str) -> Any | None:
     try:
         return store.read_json(made, name)
@@ -68,8 +79,10 @@ def _mcc(params) -> dict[str, dict[str, float]]:
     out = {}
     for method in params.method_names:
         for variant in params.merge.variants:
-            tasks = store.evaluation(method, variant)["tasks"]
-            out[f"{method}/{variant}"] = {t: tasks[t].get("mcc") for t in params.task_names}
+            evaluation = store.evaluation(method, variant)
+            if "identical_to" in evaluation:  # not merged: the same model as another variant
+                continue
+            out[f"{method}/{variant}"] = {t: evaluation["tasks"][t].get("mcc") for t in params.task_names}
     return out
 
 
@@ -158,7 +171,7 @@ def goal_markdown(plan: dict[str, Any], runs: dict[str, Any]) -> str:
             cells += [fmt(f"{v:+.1f}" for v in as_is) or "–", fmt(f"{v:+.1f}" for v in distac) or "–",
                       "; ".join(worst) or "–"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nNormalized points, per seed ({' / '.join(runs)}).\n"
+    return "\n".join(lines) + f"\n\nNormalized points, per seed ({' / '.join(runs)}). {GOAL_REFERENCE}\n"
 
 
 def mcc_markdown(plan: dict[str, Any], runs: dict[str, Any], task: str = "cola") -> str:
@@ -396,7 +409,8 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
         f"seeds {', '.join(runs)}.\n",
         "## Settings\n", *[f"- **{name}**: {spec['description']}" for name, spec in plan["settings"].items()], "",
         "## Source models\n", diagnostics_markdown(plan, runs),
-        "## Mean normalized accuracy (%), mean ± half the spread over seeds\n", headline_markdown(plan, table),
+        "## Mean normalized accuracy (%), mean ± half the spread over seeds\n", NORMALIZATION + "\n",
+        headline_markdown(plan, table),
         "![headline](headline.png)\n",
         "## Goal: DisTaC within 2 normalized points of the original setting\n", goal_markdown(plan, runs),
         "## CoLA: Matthews correlation (GLUE's metric) of the merged models\n", mcc_markdown(plan, runs),
@@ -412,7 +426,8 @@ def write_report(plan: dict[str, Any], results: Path, command: str) -> dict[str,
     for seed, settings in runs.items():
         for setting, run in settings.items():
             sections += [f"## {setting}, seed {seed}: absolute (normalized) test accuracy\n",
-                         results_markdown(run["rows"], tasks)]
+                         f"Normalized by the {setting} setting's own fine-tuned sources (seed {seed}); "
+                         "Worst norm.: the lowest task's.\n", results_markdown(run["rows"], tasks)]
     if sweep:
         plot_kappa(sweep, results / "kappa_sweep.png")
         sections += ["## Guideline: shrink, don't stretch\n", *map(kappa_markdown, sweep), "![kappa](kappa_sweep.png)\n"]

@@ -68,7 +68,7 @@ def run_stages(params: dict[str, Any], tracking: Tracking | None = None) -> dict
     _raise_first_failure(ordered)
     outcomes = [future.result() for future in ordered]
     return {"report": futures[StageRef("report")].result()["summary"],
-            "stages": [{k: o[k] for k in ("key", "skipped", "seconds")} for o in outcomes]}
+            "stages": [{k: o[k] for k in ("key", "skipped", "seconds", "reused_from")} for o in outcomes]}
 
 
 def _import_model_library(kind: str) -> None:
@@ -115,6 +115,8 @@ def _finish_parent_run(tracking: Tracking, params: PipelineParams, result: dict[
         ran = sum(not s["skipped"] for s in result["stages"])
         client.log_metric(tracking.parent_run_id, "stages_run", ran)
         client.log_metric(tracking.parent_run_id, "stages_skipped", len(result["stages"]) - ran)
+        reused = sum(bool(s["reused_from"]) for s in result["stages"])
+        client.log_metric(tracking.parent_run_id, "stages_reused", reused)
         store = RunStore.of(params)
         log_stage_artifacts(client, tracking.parent_run_id, store.dir(StageRef("report")), REPORT_FILES)
         log_stage_artifacts(client, tracking.parent_run_id, store.dir(StageRef("diagnose")), ["diagnosis.md"])

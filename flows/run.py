@@ -2,10 +2,10 @@
 ``python -m flows.run``).
 
 Shows each stage starting and finishing, per-step progress of the long ones (fine-tuning, DisTaC, merging,
-evaluation), then the results table, what ran and what was skipped, and the command that opens the MLflow
-UI. Ctrl-C (or SIGTERM) stops within seconds: stage children are killed, open MLflow runs marked KILLED,
-the Prefect flow runs marked Cancelled, Prefect's temporary server stopped and the storage lock released;
-finished stages stay finished.
+evaluation), then the results table, what ran, what was reused from which ``storage.reuse`` root and what was
+up to date, and the command that opens the MLflow UI. Ctrl-C (or SIGTERM) stops within seconds: stage children
+are killed, open MLflow runs marked KILLED, the Prefect flow runs marked Cancelled, Prefect's temporary server
+stopped and the storage lock released; finished stages stay finished.
 When every stage is already up to date it prints the table and exits without starting a flow (a scheduled
 deployment still runs the flow, which skips every stage).
 """
@@ -99,6 +99,17 @@ def _stop_prefect_server() -> None:
             pass
 
 
+def stage_summary(stages: list[dict], seconds: float) -> str:
+    """How many stages ran, were copied from a ``storage.reuse`` root (each named with that root) or were up to
+    date, and the wall time."""
+    ran = [s for s in stages if not s["skipped"]]
+    reused = [s for s in stages if s["skipped"] and s.get("reused_from")]
+    lines = [f"{len(ran)} stages ran, {len(reused)} were reused from other roots, "
+             f"{len(stages) - len(ran) - len(reused)} were up to date; wall time {seconds:.1f} s"]
+    lines += [f"  reused {s['key']} from {s['reused_from']}" for s in reused]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distac run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,11 +156,9 @@ def run(params_path: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started
-    ran = [s["key"] for s in result["stages"] if not s["skipped"]]
     print()
     print(result["report"]["table"])
-    print(f"{len(ran)} stages ran, {len(result['stages']) - len(ran)} were up to date; "
-          f"wall time {seconds:.1f} s")
+    print(stage_summary(result["stages"], seconds))
     print(f"outputs: {params.storage.root}/report/ (results.md, results.csv, results.png, metrics.json)")
     print(f"MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']}")
     return 0

@@ -96,7 +96,8 @@ def stop_children() -> None:
 def run_in_child(params: PipelineParams, made: StageRef,
                  on_metrics: Callable[[int, dict[str, float]], None] | None = None) -> StageResult:
     """Run one stage instance as ``distac stage … --events`` in a child process; relay its per-step metrics
-    to ``on_metrics`` as they arrive. A failure raises DistacError (exit 2: a user error) or RuntimeError."""
+    to ``on_metrics`` and its log records to this process' loggers as they arrive. A failure raises DistacError
+    (exit 2: a user error) or RuntimeError."""
     args = [made.stage, *(["--task", made.task] if made.task else []),
             *(["--method", made.method, "--variant", made.variant] if made.method else [])]
     tmp = stage_tmp_dir()
@@ -120,6 +121,9 @@ def run_in_child(params: PipelineParams, made: StageRef,
                 event = json.loads(line[len(EVENT_PREFIX):])
                 if "result" in event:
                     result = event["result"]
+                elif "log" in event:  # the child's log record, under the child's logger name
+                    record = event["log"]
+                    logging.getLogger(record["name"]).log(record["level"], "%s", record["message"])
                 elif on_metrics is not None:
                     on_metrics(event["step"], event["metrics"])
             code = child.wait()

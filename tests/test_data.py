@@ -219,3 +219,94 @@ def test_torchvision_dataset_from_local_root(tmp_path):
         load_task("vision:MNIST", root=tmp_path / "empty")
     with pytest.raises(DistacError, match="no dataset class 'NoSuchSet'"):
         load_task("vision:NoSuchSet", root=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- users' files
+
+
+def _spec_files(tmp_path: Path, suffix: str, body: str, test_rows: int = 2) -> dict:
+    """A data spec over a train file with ``body`` (header + rows) and a plain test file of the same format."""
+    sep = "\t" if suffix == ".tsv" else ","
+    (tmp_path / f"train{suffix}").write_text(body)
+    rows = "".join(f"t{i}{sep}{i % 2}\n" for i in range(test_rows))
+    (tmp_path / f"test{suffix}").write_text(f"text{sep}label\n{rows}")
+    return {"train": str(tmp_path / f"train{suffix}"), "test": str(tmp_path / f"test{suffix}")}
+
+
+def test_a_tsv_text_that_starts_with_a_quote_keeps_it_by_default(tmp_path, caplog):
+    from distac.data import load_task_data
+
+    spec = _spec_files(tmp_path, ".tsv", 'text\tlabel\n"Great," she said.\t1\nfine\t0\n"Hi"\t1\n')
+    task = load_task_data("t", spec, validation_fraction=0.0)
+    assert [e.text_a for e in task.train] == ['"Great," she said.', "fine", '"Hi"']
+    assert not caplog.records
+    standard = load_task_data("t", {**spec, "quoting": "standard"}, validation_fraction=0.0)
+    assert standard.train[0].text_a == "Great, she said."  # what standard quoting does to it, with a warning
+    assert any("line 2" in r.message and "quoting: none" in r.message for r in caplog.records)
+
+
+def test_standard_quoting_on_csv_strips_a_real_quoted_field_and_none_keeps_it(tmp_path, caplog):
+    from distac.data import load_task_data
+
+    spec = _spec_files(tmp_path, ".csv", 'text,label\n"one, two",1\n"say ""hi""",0\n')
+    task = load_task_data("t", spec, validation_fraction=0.0)  # .csv: standard by default
+    assert [e.text_a for e in task.train] == ["one, two", 'say "hi"'] and not caplog.records
+    explicit = load_task_data("t", {**spec, "quoting": "standard"}, validation_fraction=0.0)
+    assert list(explicit.train) == list(task.train)
+    (tmp_path / "plain.csv").write_text('text,label\n"quoted",1\nplain,0\n')
+    kept = load_task_data("t", {**spec, "train": str(tmp_path / "plain.csv"), "quoting": "none"},
+                          validation_fraction=0.0)
+    assert kept.train[0].text_a == '"quoted"'
+
+
+def test_a_tsv_written_with_standard_quoting_is_named_not_silently_misread(tmp_path, caplog):
+    from distac.data import DataError, read_rows
+
+    (tmp_path / "q.tsv").write_text('text\tlabel\n"say ""hi"""\t1\n')
+    assert read_rows(str(tmp_path / "q.tsv"))[0]["text"] == '"say ""hi"""'
+    assert "row 1" in caplog.text and "quoting: standard" in caplog.text
+    assert read_rows(str(tmp_path / "q.tsv"), quoting="standard")[0]["text"] == 'say "hi"'
+    (tmp_path / "tab.tsv").write_text('text\tlabel\n"a\tb"\t1\n')
+    with pytest.raises(DataError, match=r"tab\.tsv, row 1: 3 fields .*quoting: standard"):
+        read_rows(str(tmp_path / "tab.tsv"))
+
+
+def test_an_invalid_quoting_is_refused_naming_the_field(tmp_path):
+    from distac.data import DataError, load_task_data, parse_data_spec, read_rows
+    from distac.pipeline.params import parse_params
+
+    spec = _spec_files(tmp_path, ".csv", "text,label\na,1\nb,0\n")
+    with pytest.raises(DataError, match=r"task 'reviews': invalid data spec \(quoting: Input should be 'standard' "
+                                        r"or 'none'\)"):
+        load_task_data("reviews", {**spec, "quoting": "csv"})
+    with pytest.raises(DistacError, match=r"tasks\.0\.data\.quoting: Input should be 'standard' or 'none'"):
+        parse_params({"tasks": [{"name": "reviews", "data": {**spec, "quoting": "double"}}, {"name": "cola"}],
+                      "merge": {"methods": [{"name": "task_arithmetic"}]}})
+    with pytest.raises(DataError, match=r"quoting applies to \.csv/\.tsv files; this spec reads none \(a\.jsonl"):
+        parse_data_spec({"train": "a.jsonl", "test": "b.jsonl", "quoting": "none"})
+    with pytest.raises(DataError, match=r"train\.csv: unknown quoting 'csv'"):
+        read_rows(spec["train"], quoting="csv")
+
+
+def test_prompt_and_completion_name_the_text_and_label_columns(tmp_path):
+    from distac.data import DataError, DataSpec, parse_data_spec
+
+    assert DataSpec(train="a.csv", test="b.csv", prompt="question", completion="answer") == \
+        DataSpec(train="a.csv", test="b.csv", text="question", label="answer")
+    with pytest.raises(DataError, match="give `text` or `prompt`"):
+        parse_data_spec({"train": "a.csv", "test": "b.csv", "text": "q", "prompt": "q"})
+
+
+def test_rows_read_and_used_per_split(tmp_path):
+    from distac.data import load_task_data
+
+    body = "text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(20))
+    spec = _spec_files(tmp_path, ".csv", body, test_rows=9)
+    task = load_task_data("t", spec, max_train=5, max_eval=4, validation_fraction=0.25)
+    assert task.rows.read == {"train": 15, "validation": 5, "test": 9}
+    assert task.rows.used == {"train": 5, "validation": 4, "test": 4} and task.rows.held_out
+    assert task.rows.describe() == "train 15 → 5, validation 5 (held out of train) → 4, test 9 → 4"
+    assert task.rows.metrics()["test_rows_read"] == 9 and task.rows.metrics()["train_rows_used"] == 5
+    given = load_task_data("t", {**spec, "validation": spec["test"]}, max_eval=100)
+    assert given.rows.read == given.rows.used == {"train": 20, "validation": 9, "test": 9}
+    assert not given.rows.held_out

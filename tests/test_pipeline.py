@@ -338,3 +338,102 @@ def test_conditioned_sources_benchmark_matches_the_runs_own_measurements(finishe
         for split in ("validation", "test"):
             assert student["all"][split][1] >= student["subsample"][split][1] == source["subsample"][split][1]
     assert format_table(rows).count("| pooled |") == 2 * len(rows)
+
+
+# --------------------------------------------------------------------------------------------- report, variants, reuse
+
+
+def _on_root(params, root: Path, **updates):
+    """``params`` on a copy of its storage root at ``root``, with whole sections replaced by ``updates``."""
+    shutil.copytree(params.storage.root, root)
+    storage = params.storage.model_copy(update={"root": str(root)})
+    return params.model_copy(update={"storage": storage, **updates})
+
+
+def test_the_report_shows_the_worst_tasks_normalized_accuracy(finished):
+    import csv
+    import json
+
+    _, _, params = finished
+    store = RunStore.of(params)
+    rows = list(csv.DictReader(open(store.report_file("results.csv"), encoding="utf-8")))
+    assert [r["variant"] for r in rows] == ["fine-tuned", "as-is", "distac"]
+    for row in rows:
+        worst = min(float(row[f"{t}_norm"]) for t in params.task_names)
+        assert float(row["worst_norm"]) == pytest.approx(worst, abs=1e-3)
+    header = Path(store.report_file("results.md")).read_text().splitlines()[0]
+    assert header.endswith("| Avg. abs. | Avg. norm. | Worst norm. |")
+    metrics = json.loads(Path(store.report_file("metrics.json")).read_text())
+    assert metrics["task_arithmetic/as-is"]["worst_norm"] == pytest.approx(float(rows[1]["worst_norm"]), abs=0.01)
+
+
+def test_nothing_conditioned_computes_and_reports_no_distac_variant(finished, tmp_path, caplog):
+    import logging
+
+    _, _, params = finished
+    lenient = params.diagnosis.model_copy(update={"norm_ratio": 1.0e6, "min_scaled_confidence": 1.0e-6})
+    params = _on_root(params, tmp_path / "storage", diagnosis=lenient)  # tasks: auto, nothing flagged
+    caplog.set_level(logging.INFO, logger="distac")
+    plan = Plan.of(params)
+    ran = {made.key for made in plan if not run_stage(params, made, plan=plan).skipped}
+    store = RunStore.of(params)
+    assert store.conditioned_tasks() == []
+    assert ran == {"diagnose", "condition/cola", "condition/mrpc", "merge/task_arithmetic/distac",
+                   "evaluate/task_arithmetic/distac", "report"}  # the as-is merge is the finished one
+    merged = Path(store.merged_uri("task_arithmetic", "distac"))
+    assert [p.name for p in merged.iterdir()] == ["merge.json"]  # the earlier DisTaC merge is gone, none made
+    assert store.identical_to("task_arithmetic", "distac") == "as-is"
+    assert store.evaluation("task_arithmetic", "distac") == {"method": "task_arithmetic", "variant": "distac",
+                                                              "identical_to": "as-is"}
+    assert store.merged("task_arithmetic", "distac").vector.norm() == \
+        store.merged("task_arithmetic", "as-is").vector.norm()
+    report = store.manifest(StageRef("report"))["summary"]
+    assert "| distac |" not in report["table"] and "DisTaC conditioned no task" in report["table"]
+    assert list(report["metrics"]) == ["individual/fine-tuned", "task_arithmetic/as-is"]
+    assert "distac" not in Path(store.report_file("results.csv")).read_text()
+    assert "merge/task_arithmetic/distac: DisTaC conditioned no task" in caplog.text
+
+
+def test_a_baseline_with_nothing_to_condition_merges_as_is_only():
+    from helpers import params_error, params_with
+
+    from distac.pipeline.params import parse_params
+
+    baseline = parse_params(params_with(conditioning={"tasks": []}))
+    assert baseline.merge.variants == ["as-is"]
+    assert [r.key for r in Plan.of(baseline) if r.variant] == ["merge/task_arithmetic/as-is",
+                                                               "evaluate/task_arithmetic/as-is"]
+    assert "'distac' merges the same vectors as 'as-is'" in params_error(params_with(
+        conditioning={"tasks": []}, merge={"methods": [{"name": "ties"}], "variants": ["as-is", "distac"]}))
+    assert parse_params(params_with()).merge.variants == ["as-is", "distac"]
+
+
+def test_every_reused_stage_is_shown_with_its_root_also_from_a_stage_child(finished, tmp_path):
+    import logging
+
+    from flows.run import stage_summary
+    from tasks.stage_tasks import run_in_child
+
+    _, _, params = finished
+    source = params.storage.root
+    storage = params.storage.model_copy(update={"root": str(tmp_path / "storage"), "reuse": [source]})
+    params = params.model_copy(update={"storage": storage})
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    library = logging.getLogger("distac")  # Prefect's logging set-up keeps it from the root logger
+    library.addHandler(handler)
+    level, library.level = library.level, logging.INFO
+    try:
+        pretrained = run_stage(params, ref(params, "pretrained"))  # in this process
+        finetune = run_in_child(params, ref(params, "finetune", task="cola"))  # as the flow runs fine-tuning
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+    assert (pretrained.reused_from, finetune.reused_from) == (source, source)
+    for key in ("pretrained", "finetune/cola"):  # the child's line is relayed from its events
+        assert any(m.startswith(f"{key}: reused from {source}") for m in messages), messages
+    summary = stage_summary([pretrained.to_dict(), finetune.to_dict(),
+                             {"key": "report", "skipped": False, "reused_from": None}], 1.0)
+    assert summary.splitlines() == ["1 stages ran, 2 were reused from other roots, 0 were up to date; wall time 1.0 s",
+                                    f"  reused pretrained from {source}", f"  reused finetune/cola from {source}"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from distac.pipeline.params import VARIANTS
@@ -32,8 +33,8 @@ def register(subparsers) -> None:
     parser.add_argument("--force", action="store_true", help="run even if the stage is up to date")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--events", action="store_true",
-                        help=f"write per-step metrics and the result as JSON lines prefixed {EVENT_PREFIX.strip()!r} "
-                             "on stdout (for the runner that started this stage)")
+                        help=f"write per-step metrics, log records and the result as JSON lines prefixed "
+                             f"{EVENT_PREFIX.strip()!r} on stdout (for the runner that started this stage)")
     parser.add_argument("--exit-with-parent", type=int, metavar="PID",
                         help="exit as soon as process PID (the runner that spawned this stage) is gone, so a "
                              "killed pipeline run leaves no stage running on in the background")
@@ -43,6 +44,20 @@ def register(subparsers) -> None:
 def emit(event: dict) -> None:
     sys.stdout.write(EVENT_PREFIX + json.dumps(event, default=str) + "\n")
     sys.stdout.flush()
+
+
+class EventLogHandler(logging.Handler):
+    """Sends the library's log records (INFO and above) to the runner as ``{"log": …}`` events, so what a
+    stage child logs (reused from which root, rows read, warnings) reaches the run's console."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            emit({"log": {"name": record.name, "level": record.levelno, "message": record.getMessage()}})
+        except Exception:  # noqa: BLE001 (logging never breaks the stage)
+            self.handleError(record)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     made = ref(params, args.name, task=args.task, method=args.method, variant=args.variant)
     on_metrics = (lambda step, metrics: emit({"step": step, "metrics": metrics})) if args.events else None
+    if args.events:
+        logging.getLogger("distac").addHandler(EventLogHandler())
     with RootLock(params.storage.root):
         result = run_stage(params, made, force=args.force, progress=not args.no_progress, on_metrics=on_metrics)
     if args.events:

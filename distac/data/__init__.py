@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from distac.data.examples import (DatasetView, ImageExample, TaskData, TextExample, split_off, subsample,
-                                  unlabeled)
+from distac.data.examples import (DatasetView, ImageExample, RowCounts, TaskData, TextExample, split_off,
+                                  subsampled_task, unlabeled)
 from distac.data.files import DataError, read_rows
 from distac.data.spec import (DataSpec, UnlabeledSpec, load_task_data, load_tasks, parse_data_spec, read_unlabeled,
                               with_unlabeled)
@@ -19,8 +19,8 @@ from distac.data.glue import GLUE_TASKS, find_glue_root, glue_task_name, read_gl
 from distac.data.vision import read_image_folder, read_torchvision
 from distac.errors import DistacError
 
-__all__ = ["DataError", "DataSpec", "DatasetView", "ImageExample", "TaskData", "TextExample", "GLUE_TASKS",
-           "UnlabeledSpec", "load_task", "load_task_data", "load_tasks", "parse_data_spec", "read_rows",
+__all__ = ["DataError", "DataSpec", "DatasetView", "ImageExample", "RowCounts", "TaskData", "TextExample",
+           "GLUE_TASKS", "UnlabeledSpec", "load_task", "load_task_data", "load_tasks", "parse_data_spec", "read_rows",
            "read_unlabeled", "unlabeled", "with_unlabeled"]
 
 VISION_PREFIX = "vision:"
@@ -56,11 +56,5 @@ def load_task(name: str, *, root: str | os.PathLike | None = None, max_train: in
                           f"'{VISION_PREFIX}<torchvision dataset>' or '{IMAGE_FOLDER_PREFIX}<path>'")
 
     train, validation = split_off(train, validation_fraction, f"{name}-validation-{seed}")
-    return TaskData(
-        name=name,
-        train=subsample(train, max_train, f"{name}-train-{seed}"),
-        validation=subsample(validation, max_eval, f"{name}-validation-sample-{seed}"),
-        test=subsample(test, max_eval, f"{name}-test-{seed}"),
-        num_classes=len(class_names),
-        class_names=class_names,
-    )
+    return subsampled_task(name, {"train": train, "validation": validation, "test": test}, class_names,
+                           max_train=max_train, max_eval=max_eval, seed=seed, held_out=True)

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+SPLIT_NAMES = ("train", "validation", "test")
+
 
 @dataclass(frozen=True)
 class TextExample:
@@ -101,13 +103,35 @@ def split_off(items: Sequence[Example], fraction: float, seed: int | str
     return take(items, rest), take(items, sorted(held))
 
 
+@dataclass(frozen=True)
+class RowCounts:
+    """Per split, the rows read (before ``max_train`` / ``max_eval``; train's after the validation hold-out)
+    and the rows used; ``held_out``: validation was held out of the training rows (no validation file)."""
+
+    read: dict[str, int]
+    used: dict[str, int]
+    held_out: bool = False
+
+    def describe(self) -> str:
+        """'train 900 → 32, validation 100 (held out of train) → 32, test 500 → 32'."""
+        def one(split: str) -> str:
+            note = " (held out of train)" if split == "validation" and self.held_out else ""
+            return f"{split} {self.read[split]}{note} → {self.used[split]}"
+        return ", ".join(one(split) for split in SPLIT_NAMES)
+
+    def metrics(self) -> dict[str, int]:
+        """Flat numbers for metrics files and MLflow: ``train_rows_read``, ``train_rows_used``, …"""
+        return {f"{split}_rows_{kind}": counts[split] for split in SPLIT_NAMES
+                for kind, counts in (("read", self.read), ("used", self.used))}
+
+
 @dataclass
 class TaskData:
     """A classification task: its splits, class count and class names (index = label).
 
     ``unlabeled_pool``: the inputs DisTaC conditions on when they are not this task's training inputs (a
     file of unlabeled inputs, or another task's inputs as surrogate data; any labels there are dropped when
-    drawn); None means the training inputs.
+    drawn); None means the training inputs. ``rows``: how many rows each split read and used.
     """
 
     name: str
@@ -117,6 +141,7 @@ class TaskData:
     num_classes: int
     class_names: list[str]
     unlabeled_pool: Sequence[Example] | None = None
+    rows: RowCounts | None = None
 
     def unlabeled(self, n: int | None = None, seed: int = 0) -> list[Example]:
         """Up to ``n`` unlabeled inputs (seeded choice, all when None): the pool, else the training inputs."""
@@ -127,3 +152,16 @@ class TaskData:
         return (f"TaskData({self.name!r}, train={len(self.train)}, validation={len(self.validation)}, "
                 f"test={len(self.test)}, classes={self.class_names}"
                 + ("" if self.unlabeled_pool is None else f", unlabeled={len(self.unlabeled_pool)}") + ")")
+
+
+def subsampled_task(name: str, splits: dict[str, Sequence[Example]], class_names: list[str], *,
+                    max_train: int | None, max_eval: int | None, seed: int, held_out: bool) -> TaskData:
+    """A TaskData of seeded subsamples of ``splits`` (train ≤ ``max_train``, validation and test ≤ ``max_eval``)
+    with the rows read and used per split; what every loader ends with, so all subsample alike."""
+    sizes = {"train": max_train, "validation": max_eval, "test": max_eval}
+    seeds = {"train": f"{name}-train-{seed}", "validation": f"{name}-validation-sample-{seed}",
+             "test": f"{name}-test-{seed}"}
+    used = {split: subsample(splits[split], sizes[split], seeds[split]) for split in SPLIT_NAMES}
+    rows = RowCounts({split: len(splits[split]) for split in SPLIT_NAMES},
+                     {split: len(used[split]) for split in SPLIT_NAMES}, held_out)
+    return TaskData(name=name, **used, num_classes=len(class_names), class_names=list(class_names), rows=rows)

@@ -10,6 +10,11 @@ names are ``class_names`` when given (a fine-tuned checkpoint's ``id2label`` is 
 the sorted distinct training labels; class i is the i-th name. Every label of the validation and test
 splits must be one of them. ``unlabeled`` replaces the training inputs DisTaC conditions on: a file of
 inputs (labels not needed) or ``{from_task: other}``, another task's training inputs (surrogate data).
+
+``quoting`` says how .csv/.tsv files are read (``distac.data.files``): ``standard`` (fields may be enclosed in
+``"``; the default for .csv) or ``none`` (every ``"`` is text; the default for .tsv). For a causal LM's
+prompt/completion pairs, ``prompt`` and ``completion`` are other names of ``text`` and ``label``.
+``TaskData.rows`` records, per split, the rows read and the rows used after ``max_train``/``max_eval``.
 """
 
 from __future__ import annotations
@@ -21,11 +26,30 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distac.data.examples import DatasetView, TaskData, TextExample, split_off, subsample
-from distac.data.files import (DataError, check_columns, class_label_names, is_dataset_dir, open_dataset_dir,
-                               open_hub_split, read_rows)
+from distac.data.examples import DatasetView, TaskData, TextExample, split_off, subsampled_task
+from distac.data.files import (DataError, Quoting, check_columns, class_label_names, is_dataset_dir,
+                               open_dataset_dir, open_hub_split, read_rows)
 
 SPLITS = ("train", "validation", "test")
+ALIASES = {"prompt": "text", "completion": "label"}
+"""Other names of a spec's columns: a causal LM's prompt is its ``text``, the completion its ``label``."""
+DELIMITED = (".csv", ".tsv")
+
+
+def _renamed(values: Any, aliases: Mapping[str, str]) -> Any:
+    """``values`` with each alias key renamed to its field; giving both names is an error."""
+    if not isinstance(values, Mapping):
+        return values
+    for alias, name in aliases.items():
+        if alias in values:
+            if name in values:
+                raise ValueError(f"give `{name}` or `{alias}` (another name of it), not both")
+            values = {**{k: v for k, v in values.items() if k != alias}, name: values[alias]}
+    return values
+
+
+def _is_delimited(uri: str | None) -> bool:
+    return uri is not None and str(uri).lower().rstrip("/").endswith(DELIMITED)
 
 
 class _Spec(BaseModel):
@@ -39,13 +63,17 @@ class UnlabeledSpec(_Spec):
     from_task: str | None = None
     text: str | None = Field(None, description="text column of `path` (default: the task's `text`)")
     text_pair: str | None = Field(None, description="second-sentence column of `path` (default: the task's)")
+    quoting: Quoting | None = Field(None, description="of a .csv/.tsv `path` (default: the task's, else the "
+                                                      "format's)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "UnlabeledSpec":
         if (self.path is None) == (self.from_task is None):
             raise ValueError("unlabeled: give exactly one of `path` and `from_task`")
-        if self.from_task is not None and (self.text or self.text_pair):
-            raise ValueError("unlabeled: `text`/`text_pair` apply to `path` only, not to `from_task`")
+        if self.from_task is not None and (self.text or self.text_pair or self.quoting):
+            raise ValueError("unlabeled: `text`/`text_pair`/`quoting` apply to `path` only, not to `from_task`")
+        if self.quoting is not None and not _is_delimited(self.path):
+            raise ValueError(f"unlabeled: `quoting` applies to .csv/.tsv files, not to {self.path}")
         return self
 
 
@@ -55,7 +83,9 @@ class DataSpec(_Spec):
     Files: ``train``/``test`` (required) and ``validation`` (optional: otherwise a seeded hold-out of train),
     each a .csv/.tsv/.jsonl/.parquet file (local or s3://) or a ``save_to_disk`` directory of one split.
     Or ``dataset``: a ``save_to_disk`` DatasetDict directory or a Hugging Face hub id (read from the local
-    cache), with ``config`` and the split names in ``splits``.
+    cache), with ``config`` and the split names in ``splits``. ``quoting``: how the .csv/.tsv files (the
+    unlabeled one too) are read: ``standard`` or ``none``; default ``standard`` for .csv, ``none`` for .tsv.
+    ``prompt``/``completion`` are accepted for ``text``/``label``.
     """
 
     train: str | None = None
@@ -71,10 +101,13 @@ class DataSpec(_Spec):
     label: str = "label"
     class_names: list[str] | None = None
     unlabeled: UnlabeledSpec | None = None
+    quoting: Quoting | None = Field(None, description="of .csv/.tsv files: standard (default for .csv) or none "
+                                                      "(default for .tsv)")
 
     @model_validator(mode="before")
     @classmethod
-    def _unlabeled_shorthand(cls, values: Any) -> Any:
+    def _shorthands(cls, values: Any) -> Any:
+        values = _renamed(values, ALIASES)
         if isinstance(values, Mapping) and isinstance(values.get("unlabeled"), (str, os.PathLike)):
             values = {**values, "unlabeled": {"path": str(values["unlabeled"])}}
         return values
@@ -95,6 +128,10 @@ class DataSpec(_Spec):
                                  f"got {sorted(self.splits)}")
         if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
             raise ValueError(f"data.class_names has duplicates: {self.class_names}")
+        files = [getattr(self, name) for name in SPLITS] + [self.unlabeled.path if self.unlabeled else None]
+        if self.quoting is not None and not any(map(_is_delimited, files)):
+            raise ValueError(f"data.quoting applies to .csv/.tsv files; this spec reads none "
+                             f"({self.dataset or ', '.join(f for f in files if f)})")
         return self
 
 
@@ -116,7 +153,7 @@ def _split_table(spec: DataSpec, split: str) -> tuple[Any, str] | None:
     """(rows or a lazy ``datasets.Dataset``, source name) of one split, or None when the spec does not give it."""
     if spec.dataset is None:
         uri = getattr(spec, split)
-        return None if uri is None else (read_rows(uri, lazy=True), uri)
+        return None if uri is None else (read_rows(uri, lazy=True, quoting=spec.quoting), uri)
     name = spec.splits.get(split)
     if name is None:
         return None
@@ -248,9 +285,11 @@ def _to_examples(inputs: list[tuple[str, str | None]], labels: list[int | str], 
     return examples
 
 
-def read_unlabeled(spec: UnlabeledSpec, text: str, text_pair: str | None) -> list[TextExample]:
-    """The inputs of an unlabeled file (a label column, if any, is ignored)."""
-    rows = read_rows(spec.path)
+def read_unlabeled(spec: UnlabeledSpec, text: str, text_pair: str | None, quoting: Quoting | None = None
+                   ) -> list[TextExample]:
+    """The inputs of an unlabeled file (a label column, if any, is ignored); ``quoting``: the task's, unless
+    the unlabeled spec gives its own."""
+    rows = read_rows(spec.path, quoting=spec.quoting or quoting)
     inputs = rows_to_inputs(rows, spec.path, spec.text or text, spec.text_pair or (None if spec.text else text_pair))
     return [TextExample(a, b, None) for a, b in inputs]
 
@@ -295,34 +334,30 @@ def load_task_data(name: str, spec: DataSpec | Mapping[str, Any], *, class_names
         labels = _labels(table, spec.label, source)
         labels = _as_integers(labels) if all(isinstance(x, int) for x in train_labels) else [str(x) for x in labels]
         splits[split] = _examples(spec, table, source, labels, index, names, reference)
-    train = splits["train"]
-    if "validation" in splits:
-        validation = splits["validation"]
-    else:
-        train, validation = split_off(train, validation_fraction, f"{name}-validation-{seed}")
+    held_out = "validation" not in splits
+    if held_out:
+        splits["train"], splits["validation"] = split_off(splits["train"], validation_fraction,
+                                                          f"{name}-validation-{seed}")
     if spec.image is not None and spec.unlabeled is not None and spec.unlabeled.path is not None:
         raise DataError(f"task {name!r}: an unlabeled file is for text tasks; an image task takes "
                         "`unlabeled: {from_task: ...}` or its own training images")
-    data = TaskData(
-        name=name,
-        train=subsample(train, max_train, f"{name}-train-{seed}"),
-        validation=subsample(validation, max_eval, f"{name}-validation-sample-{seed}"),
-        test=subsample(splits["test"], max_eval, f"{name}-test-{seed}"),
-        num_classes=len(names),
-        class_names=names,
-    )
+    data = subsampled_task(name, splits, names, max_train=max_train, max_eval=max_eval, seed=seed,
+                           held_out=held_out)
     if spec.unlabeled is not None:
-        data = with_unlabeled(data, spec.unlabeled, text=spec.text, text_pair=spec.text_pair, other_tasks=other_tasks)
+        data = with_unlabeled(data, spec.unlabeled, text=spec.text, text_pair=spec.text_pair, quoting=spec.quoting,
+                              other_tasks=other_tasks)
     return data
 
 
 def with_unlabeled(data: TaskData, spec: UnlabeledSpec | Mapping[str, Any], *, text: str = "text",
-                   text_pair: str | None = None, other_tasks: Mapping[str, TaskData] | None = None) -> TaskData:
+                   text_pair: str | None = None, quoting: Quoting | None = None,
+                   other_tasks: Mapping[str, TaskData] | None = None) -> TaskData:
     """``data`` whose unlabeled inputs (what DisTaC conditions on) come from ``spec``: a file, read with the
-    ``text``/``text_pair`` columns unless the spec names its own, or another task's training inputs."""
+    ``text``/``text_pair`` columns and ``quoting`` unless the spec names its own, or another task's training
+    inputs."""
     spec = spec if isinstance(spec, UnlabeledSpec) else UnlabeledSpec.model_validate(dict(spec))
     if spec.path is not None:
-        pool = read_unlabeled(spec, text, text_pair)
+        pool = read_unlabeled(spec, text, text_pair, quoting)
     else:
         source_task = (other_tasks or {}).get(spec.from_task)
         if source_task is None:

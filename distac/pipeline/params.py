@@ -268,8 +268,10 @@ Variant = Literal["as-is", "distac"]
 
 
 class MergeParams(Section):
-    """The methods to merge with; each is merged once per variant: the vectors as-is and after DisTaC
-    (leave out ``distac`` where nothing is conditioned, e.g. a baseline setting)."""
+    """The methods to merge with; each is merged once per variant: the vectors as-is and after DisTaC.
+    With ``conditioning.tasks: []`` (a baseline) the variants default to ``[as-is]``: a DisTaC merge would be
+    the same merge again. With ``tasks: auto`` and no task flagged, the DisTaC merges are not computed either
+    (``distac.pipeline.stages.merge``)."""
 
     methods: list[MethodParams] = Field(min_length=1)
     alpha_grid: list[PositiveFloat] = Field(default=list(DEFAULT_ALPHA_GRID), min_length=1)
@@ -368,6 +370,18 @@ class PipelineParams(Section):
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     execution: ExecutionParams = Field(default_factory=ExecutionParams)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _baseline_merges_as_is(cls, values: Any) -> Any:
+        """Nothing to condition (``conditioning.tasks: []``): the variants default to as-is only."""
+        if not isinstance(values, dict):
+            return values
+        conditioning, merge = values.get("conditioning"), values.get("merge")
+        if isinstance(conditioning, dict) and conditioning.get("tasks") == [] and isinstance(merge, dict) \
+                and "variants" not in merge:
+            values = {**values, "merge": {**merge, "variants": ["as-is"]}}
+        return values
+
     @model_validator(mode="after")
     def _tasks_consistent(self) -> "PipelineParams":
         names = self.task_names
@@ -378,6 +392,9 @@ class PipelineParams(Section):
             unknown = [t for t in self.conditioning.tasks if t not in names]
             if unknown:
                 raise ValueError(f"conditioning.tasks: {', '.join(unknown)} not among tasks ({', '.join(names)})")
+        if self.conditioning.tasks == [] and "distac" in self.merge.variants:
+            raise ValueError("merge.variants: 'distac' merges the same vectors as 'as-is' when conditioning.tasks "
+                             "is empty; list only as-is (the default when nothing is conditioned)")
         return self
 
     @property

@@ -20,7 +20,7 @@ from distac import io
 from distac.device import resolve_device
 from distac.errors import ConfigError
 from distac.pipeline.params import PipelineParams
-from distac.pipeline.store import RunStore
+from distac.pipeline.store import RunStore, redact
 from distac.pipeline.table import Plan, StageRef
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class StageContext:
 
 @dataclass
 class StageResult:
-    """What running an instance did: where its outputs are, whether it was skipped, and its summary."""
+    """What running an instance did: where its outputs are, whether it was skipped (up to date, or copied from
+    the ``storage.reuse`` root ``reused_from``), and its summary."""
 
     key: str
     uri: str
@@ -133,8 +134,9 @@ def run_stage(params: PipelineParams, made: StageRef, *, force: bool = False, pr
     if not force:
         reused = _reuse(params, made, expected, store)
         if reused is not None:
-            log.info("%s: reused from %s", made.key, reused[0])
-            return StageResult(made.key, uri, expected, True, reused[1].get("summary", {}), reused_from=reused[0])
+            root, copied = reused
+            log.info("%s: reused from %s (same fingerprint there; copied, not recomputed)", made.key, redact(root))
+            return StageResult(made.key, uri, expected, True, copied.get("summary", {}), reused_from=redact(root))
     log.info("%s: running", made.key)
     if params.execution.torch_threads:
         torch.set_num_threads(params.execution.torch_threads)
@@ -151,7 +153,7 @@ def run_stage(params: PipelineParams, made: StageRef, *, force: bool = False, pr
 def _reuse(params: PipelineParams, made: StageRef, expected: str,
            store: RunStore) -> tuple[str, dict[str, Any]] | None:
     """Copy the instance from a ``storage.reuse`` root whose manifest has the expected fingerprint, its
-    manifest last, so a crash mid-copy leaves it unfinished."""
+    manifest last, so a crash mid-copy leaves it unfinished; (that root, its manifest)."""
     for root in params.storage.reuse:
         source = RunStore(root)
         manifest = source.manifest(made)
@@ -162,5 +164,5 @@ def _reuse(params: PipelineParams, made: StageRef, expected: str,
             with fs.open(path, "rb") as handle:
                 io.write_bytes_atomic(handle.read(), io.join_uri(store.dir(made), relative))
         store.write_manifest(made, manifest)
-        return source.dir(made), manifest
+        return root, manifest
     return None

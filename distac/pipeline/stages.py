@@ -60,7 +60,8 @@ def task_data(params: PipelineParams, task: str) -> TaskData:
     if unlabeled is None:
         return loaded
     others = {unlabeled.from_task: task_data(params, unlabeled.from_task)} if unlabeled.from_task else None
-    text = {"text": entry.data.text, "text_pair": entry.data.text_pair} if entry.data else {}
+    text = {"text": entry.data.text, "text_pair": entry.data.text_pair, "quoting": entry.data.quoting} \
+        if entry.data else {}
     return with_unlabeled(loaded, unlabeled, other_tasks=others, **text)
 
 
@@ -135,6 +136,9 @@ def finetune(context: StageContext) -> dict[str, Any]:
     params, task, store = context.params, context.ref.task, context.store
     built, data, recipe = adapter(params), task_data(params, task), params.recipe(task)
     device = context.device
+    rows = data.rows.metrics() if data.rows else {}  # per split, read and used (metrics.json, MLflow)
+    if data.rows:
+        log.info("%s: rows read → used: %s", context.ref.key, data.rows.describe())
     if params.task(task).finetuned:  # an existing model: imported, not trained
         model, history = import_finetuned(context, built, data).model.to(device), []
         recipe_record: dict[str, Any] = {"imported": params.task(task).finetuned}
@@ -147,7 +151,7 @@ def finetune(context: StageContext) -> dict[str, Any]:
     summary = {"validation_accuracy": val_acc, "test_accuracy": test_acc,
                "test_mcc": matthews_correlation(test_logits, labels_of(data.test)),
                "validation_mean_max_prob": confidence_stats(val_logits).mean_max_prob,
-               "train_examples": len(data.train), "final_loss": history[-1]["loss"] if history else None}
+               "train_examples": len(data.train), **rows, "final_loss": history[-1]["loss"] if history else None}
     save_task_model(store.model_uri(task), model.cpu(), built, task, data.num_classes, list(data.class_names),
                     extra={"recipe": recipe_record, **summary})
     confidence = None
@@ -225,9 +229,21 @@ def _task_logger(context: StageContext, doing: str):
     return on_task
 
 
+def _same_as_as_is(context: StageContext) -> bool:
+    """A distac merge when DisTaC conditioned no task (``tasks: auto``, nothing flagged) and as-is is merged
+    too: it would be the as-is merge again, so it is neither computed nor reported."""
+    params, made = context.params, context.ref
+    return made.variant == "distac" and "as-is" in params.merge.variants and \
+        not context.store.any_conditioned(params.task_names)
+
+
 def merge(context: StageContext) -> dict[str, Any]:
     params, store, made = context.params, context.store, context.ref
     method = params.merge.method(made.method)
+    if _same_as_as_is(context):
+        log.info("%s: DisTaC conditioned no task, so this is merge/%s/as-is again: not merged", made.key, made.method)
+        store.mark_identical(made.method, made.variant, "as-is")
+        return {"identical_to": "as-is"}
     vectors = [store.merge_input(t, made.variant) for t in params.task_names]
     search = None
     if method.alpha == "search":
@@ -251,6 +267,12 @@ def merge(context: StageContext) -> dict[str, Any]:
 
 def evaluate(context: StageContext) -> dict[str, Any]:
     params, store, made = context.params, context.store, context.ref
+    same_as = store.identical_to(made.method, made.variant)
+    if same_as is not None:  # not merged (see merge): its accuracy is evaluate/<method>/<same_as>'s
+        log.info("%s: the same model as %s/%s: not evaluated again", made.key, made.method, same_as)
+        store.write_json(made, "evaluation.json", {"method": made.method, "variant": made.variant,
+                                                   "identical_to": same_as})
+        return {"identical_to": same_as}
     heads, tasks = _heads_and_tasks(context)
     evaluation = evaluate_merged(adapter(params), store.pretrained_backbone(), store.merged(made.method, made.variant),
                                  heads, tasks, split="test",
@@ -269,6 +291,8 @@ def report(context: StageContext) -> dict[str, Any]:
     params, store, made = context.params, context.store, context.ref
     rows = results_rows(params, store)
     markdown = results_markdown(rows, params.task_names)
+    if "distac" in params.merge.variants and not any(r["variant"] == "distac" for r in rows):
+        markdown += "\nDisTaC conditioned no task: the distac merges would equal the as-is ones (not computed).\n"
     store.write_text(made, "results.md", markdown)
     store.write_text(made, "results.csv", results_csv(rows))
     store.write_text(made, "results.png", plot_png(rows))

@@ -9,8 +9,10 @@ Layout: one folder per stage instance, named by its key (``distac.pipeline.table
     extract/<task>/                   task_vector.safetensors, stats.json
     diagnose/                         diagnosis.json (incl. the tasks to condition), diagnosis.md
     condition/<task>/                 summary.json; if conditioned: task_vector.safetensors, history.json
-    merge/<method>/<variant>/         merged/ (the merged-model format of distac.merging.streaming)
-    evaluate/<method>/<variant>/      evaluation.json
+    merge/<method>/<variant>/         merged/ (the merged-model format of distac.merging.streaming); for a
+                                      distac merge when DisTaC conditioned no task only merged/merge.json
+                                      = {"identical_to": "as-is", …}
+    evaluate/<method>/<variant>/      evaluation.json (then only {"identical_to": "as-is"})
     report/                           results.md, results.csv, results.png, plot.csv, metrics.json
 
 Each folder ends with ``_done.json`` (the manifest), written last.
@@ -18,6 +20,7 @@ Each folder ends with ``_done.json`` (the manifest), written last.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +31,7 @@ import torch
 from distac import io
 from distac.errors import CheckpointError, ConfigError
 from distac.merging import Merged
-from distac.merging.streaming import load_merged, read_record
+from distac.merging.streaming import RECORD_NAME, load_merged, read_record, staged_directory
 from distac.models.store import LoadedModel, backbone_uri, load_head, load_task_model
 from distac.pipeline.params import PipelineParams
 from distac.pipeline.table import StageRef
@@ -181,6 +184,10 @@ class RunStore:
         made = StageRef("condition", task=task)
         return TaskVector.load(self.file(made, VECTOR_FILE)) if self.condition_summary(task)["conditioned"] else None
 
+    def any_conditioned(self, tasks: list[str]) -> bool:
+        """Whether the finished condition stages conditioned any of ``tasks``."""
+        return any(self.condition_summary(task)["conditioned"] for task in tasks)
+
     def merge_input(self, task: str, variant: str) -> TaskVector:
         """What a merge of ``variant`` takes for a task: its conditioned vector (distac, when conditioned),
         else the extracted one."""
@@ -206,11 +213,27 @@ class RunStore:
     def merged_uri(self, method: str, variant: str) -> str:
         return self.file(StageRef("merge", method=method, variant=variant), MERGED_DIR)
 
+    def identical_to(self, method: str, variant: str) -> str | None:
+        """The variant this merge is the same as and was not computed for (DisTaC conditioned no task), else
+        None."""
+        uri = io.join_uri(self.merged_uri(method, variant), RECORD_NAME)
+        record = io.read_json(uri) if self.exists(uri) else None
+        return record.get("identical_to") if isinstance(record, dict) else None
+
+    def mark_identical(self, method: str, variant: str, same_as: str) -> None:
+        """Record, in place of a merge, that this variant is ``same_as``'s merge (an earlier merge is replaced).
+        The record holds no merge, so ``distac materialize`` refuses it as one."""
+        note = f"not merged: the same vectors as the {same_as} merge (DisTaC conditioned no task)"
+        with staged_directory(self.merged_uri(method, variant), kind="merge") as staging:
+            io.write_json({"identical_to": same_as, "variant": variant, "note": note},
+                          os.path.join(staging, RECORD_NAME))
+
     def merged(self, method: str, variant: str) -> Merged:
-        return load_merged(self.merged_uri(method, variant))
+        """The merged model; a variant that was not merged because it is another's gives that one."""
+        return load_merged(self.merged_uri(method, self.identical_to(method, variant) or variant))
 
     def merge_record(self, method: str, variant: str) -> dict[str, Any]:
-        return read_record(self.merged_uri(method, variant))
+        return read_record(self.merged_uri(method, self.identical_to(method, variant) or variant))
 
     def evaluation(self, method: str, variant: str) -> dict[str, Any]:
         return self.read_json(StageRef("evaluate", method=method, variant=variant), "evaluation.json")
