@@ -77,51 +77,53 @@ def predict_logits(model: TaskModel, examples: Sequence[Any], collate: Collate, 
 
 
 @torch.no_grad()
+def _perplexity(model: TaskModel, items: Sequence[Any], batch_size: int, progress: bool, desc: str,
+                batch_nll: Callable[[Sequence[Any], torch.device], tuple[float, float]]) -> float | None:
+    """exp(summed NLL / token count) over ``items`` in batches; ``batch_nll`` gives one batch's (NLL, tokens)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0.0
+    try:
+        for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", disable=not progress):
+            nll, tokens = batch_nll(items[start:start + batch_size], device)
+            total, count = total + nll, count + tokens
+    finally:
+        model.train(was_training)
+    return math.exp(total / count) if count else None
+
+
 def completion_perplexity(model: TaskModel, examples: Sequence[Any], collate: Collate, batch_size: int = 64,
                           progress: bool = False) -> float | None:
     """exp(mean negative log-likelihood per token) of the gold completions of labeled ``examples`` after their
     prompts, for a generative model (``completion_nll``); None for a classifier."""
     if not hasattr(model, "completion_nll"):
         return None
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0.0
-    try:
-        for start in tqdm(range(0, len(examples), batch_size), desc="perplexity", unit="batch",
-                          disable=not progress):
-            chunk = examples[start:start + batch_size]
-            inputs = {k: v.to(device) for k, v in collate(chunk).items()}
-            nll, tokens = model.completion_nll(inputs, labels_of(chunk).to(device))
-            total, count = total + float(nll.sum()), count + float(tokens.sum())
-    finally:
-        model.train(was_training)
-    return math.exp(total / count) if count else None
+
+    def batch_nll(chunk: Sequence[Any], device: torch.device) -> tuple[float, float]:
+        inputs = {k: v.to(device) for k, v in collate(chunk).items()}
+        nll, tokens = model.completion_nll(inputs, labels_of(chunk).to(device))
+        return float(nll.sum()), float(tokens.sum())
+
+    return _perplexity(model, examples, batch_size, progress, "perplexity", batch_nll)
 
 
-@torch.no_grad()
 def text_perplexity(model: TaskModel, texts: Sequence[Any], collate: Collate, batch_size: int = 64,
                     progress: bool = False) -> float | None:
     """exp(mean negative log-likelihood per token) of free ``texts`` under a causal LM: every real token after
     the first predicted from the ones before it (held-out perplexity); None for a classifier."""
     if not hasattr(model, "completion_nll"):
         return None
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for start in tqdm(range(0, len(texts), batch_size), desc="text perplexity", unit="batch",
-                          disable=not progress):
-            inputs = {k: v.to(device) for k, v in collate(texts[start:start + batch_size]).items()}
-            logits, mask = model.distillation_outputs(inputs)
-            targets = inputs["input_ids"][:, 1:]
-            where = mask[:, 1:] & mask[:, :-1]  # position p predicts token p + 1; both real
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1][where].float(), targets[where], reduction="sum")
-            total, count = total + float(nll), count + int(where.sum())
-    finally:
-        model.train(was_training)
-    return math.exp(total / count) if count else None
+
+    def batch_nll(chunk: Sequence[Any], device: torch.device) -> tuple[float, float]:
+        inputs = {k: v.to(device) for k, v in collate(chunk).items()}
+        logits, mask = model.distillation_outputs(inputs)
+        targets = inputs["input_ids"][:, 1:]
+        where = mask[:, 1:] & mask[:, :-1]  # position p predicts token p + 1; both real
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1][where].float(), targets[where], reduction="sum")
+        return float(nll), float(where.sum())
+
+    return _perplexity(model, texts, batch_size, progress, "text perplexity", batch_nll)
 
 
 def labels_of(examples: Sequence[Any]) -> torch.Tensor:
