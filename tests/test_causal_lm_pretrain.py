@@ -88,3 +88,24 @@ def test_missing_glue_dir_and_foreign_output_are_refused(tmp_path):
     with pytest.raises(OutputError, match="foreign"):
         pretrain(str(foreign), tiny(), texts=corpus())
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_the_generation_benchmark_asks_the_pipeline_for_its_failure_modes():
+    from benchmarks.causal_lm.glue_generation import (BASE_LR, LABEL_SMOOTHING, LR_FACTOR, SETTINGS,
+                                                      benchmark_params, lifts, setting_root)
+    from distac.pipeline import parse_params
+
+    for setting, spec in SETTINGS.items():
+        raw = benchmark_params(setting)
+        params = parse_params(raw, source=setting)
+        assert params.model.kind == "hf_causal_lm" and params.merge.variants == ["as-is", "distac"]
+        assert raw["storage"]["root"] == setting_root(setting) not in raw["storage"]["reuse"]
+        for task in params.task_names:  # each changed recipe is what the setting says, the others the base one
+            changed, recipe = spec["recipes"].get(task, {}), params.recipe(task)
+            assert recipe.lr == pytest.approx(BASE_LR * (LR_FACTOR if "lr" in changed else 1))
+            assert recipe.label_smoothing == (LABEL_SMOOTHING if "label_smoothing" in changed else 0.0)
+    both = parse_params(benchmark_params("both"), source="both")
+    assert both.recipe("sst2").lr >= 3 * BASE_LR and both.recipe("mrpc").label_smoothing > 0  # the two modes
+    rows = [{"method": "ties", "variant": v, "a_norm": a, "b_norm": b, "mean_norm": (a + b) / 2,
+             "mean_abs": (a + b) / 2} for v, a, b in (("as-is", 90.0, 40.0), ("distac", 80.0, 70.0))]
+    assert lifts(rows, ["a", "b"]) == {"ties": {"mean_norm": 10.0, "worst_norm": 30.0, "mean_abs": 10.0}}
