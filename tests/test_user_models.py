@@ -16,7 +16,7 @@ import torch
 
 from distac.cli import main
 from distac.data import DataError, DataSpec, TextExample, load_task_data, load_tasks
-from distac.errors import CheckpointError, MismatchError
+from distac.errors import CheckpointError, ConfigError, MismatchError
 from distac.models import load_model
 from distac.models.resolve import backbone_checkpoint, paired_backbones
 
@@ -329,6 +329,23 @@ def test_merge_and_diagnose_take_distac_finetune_directories(tmp_path, tiny_enco
     shutil.rmtree(tmp_path / "m")
     with pytest.raises(SystemExit):
         main(["condition", "--pretrained", "p", "--finetuned", "f", "--out", "o", "--kappa", "x"])
+
+
+def test_a_class_count_mismatch_names_the_data_files_not_the_spec_object(hf_models, tmp_path):
+    import argparse
+    from types import SimpleNamespace
+
+    from distac.cli.common import task_data
+    from distac.data import DataSpec
+
+    spec = DataSpec(train=hf_models["reviews_train"], test=hf_models["reviews_test"], text="review", label="stars")
+    two_classes = SimpleNamespace(task=None, class_names=[], meta={"num_classes": 2})
+    args = argparse.Namespace(seed=0, data_root=None)
+    with pytest.raises(ConfigError) as caught:
+        task_data(two_classes, "ft_x", spec, args)
+    message = str(caught.value)
+    assert message == (f"ft_x has 2 classes but its data (train {hf_models['reviews_train']}, test "
+                       f"{hf_models['reviews_test']}) has 3 (['mid', 'neg', 'pos'])")
 
 
 def test_cli_errors_name_the_file(tmp_path, capsys):

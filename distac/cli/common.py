@@ -179,9 +179,21 @@ def task_data(loaded: Any, uri: str, spec: Any, args: argparse.Namespace, *, max
         raise ConfigError(f"{uri}: the model names no task; give its data with --data")
     data = _load_data(spec, uri, args, loaded.task, loaded.class_names or None, max_eval)
     if data.num_classes != loaded.meta["num_classes"]:
-        raise ConfigError(f"{uri} has {loaded.meta['num_classes']} classes but its data {spec or loaded.task} has "
-                          f"{data.num_classes} ({data.class_names})")
+        raise ConfigError(f"{uri} has {loaded.meta['num_classes']} classes but its data "
+                          f"{describe_data(spec, loaded.task)} has {data.num_classes} ({data.class_names})")
     return data
+
+
+def describe_data(spec: Any, task: str | None) -> str:
+    """A task's data as a user named it: the files (or dataset) of a data spec, else the task's name."""
+    from distac.data import DataSpec
+
+    if isinstance(spec, DataSpec):
+        if spec.dataset is not None:
+            return f"(dataset {spec.dataset})"
+        return "(" + ", ".join(f"{split} {getattr(spec, split)}" for split in ("train", "validation", "test")
+                               if getattr(spec, split) is not None) + ")"
+    return repr(spec or task)
 
 
 def data_specs(args: argparse.Namespace, count: int) -> list[Any]:
