@@ -165,3 +165,21 @@ def test_scoring_needs_completions(family):
     loaded = load_model(finetuned, pretrained)
     with pytest.raises(ConfigError, match="completions"):
         predict_logits(loaded.model, EXAMPLES, loaded.adapter.collate)
+
+
+def test_commands_refuse_a_checkpoint_without_a_head_they_can_serve_before_any_work(tmp_path, capsys):
+    from distac.cli import main
+    from distac.models.text import create_random_encoder
+
+    pretrained = create_random_encoder(tmp_path / "pre")
+    bare = create_random_encoder(tmp_path / "bare", seed=1)  # a BertModel: no classification or LM head
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "a good film"}\n{"text": "a bad film"}\n')
+    for argv in (["condition", "--pretrained", pretrained, "--finetuned", bare, "--unlabeled", str(texts),
+                  "--kappa", "0.5", "--out", str(tmp_path / "out")],
+                 ["evaluate", "--pretrained", pretrained, "--finetuned", bare, "--data", "sst2"]):
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert f"{bare}/config.json: architecture 'BertModel' has no trained classification head" in error
+        assert "supports" in error
+    assert not (tmp_path / "out").exists()
