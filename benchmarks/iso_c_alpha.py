@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-WIDE_GRID = (0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+WIDE_GRID = (0.5, 1.0, 1.5, 2.25, 3.0, 4.0, 5.0, 6.5, 8.0)
 
 
 def measure(params_file: str, methods: list[str], grid: tuple[float, ...] = WIDE_GRID) -> dict[str, Any]:
