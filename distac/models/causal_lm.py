@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,12 +35,13 @@ from torch import nn
 from distac.data.examples import TextExample
 from distac.errors import CheckpointError, ConfigError, DistacError, MismatchError
 from distac.models.base import ModelAdapter, TaskModel
+from distac.models.text import TRANSFORMERS_LOADING
 
 log = logging.getLogger(__name__)
 
 KIND = "hf_causal_lm"
 IGNORE = -100
-_LOADING = threading.Lock()  # transformers' from_pretrained patches module globals: one load at a time
+
 
 
 def load_causal_lm_weights(path: str) -> nn.Module:
@@ -52,12 +52,14 @@ def load_causal_lm_weights(path: str) -> nn.Module:
 
     quiet_transformers()
     try:
-        with _LOADING:
+        with TRANSFORMERS_LOADING:
             full = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only(path))
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot load {path} as a causal language model: {exc}") from None
     if getattr(full.config, "tie_word_embeddings", False) and not tied_aliases(full):
-        full.tie_weights()
+        output, embedding = full.get_output_embeddings(), full.get_input_embeddings()
+        if output is not None and output.weight.shape == embedding.weight.shape:
+            output.weight = embedding.weight  # tied: one tensor, whatever state the load left it in
     return full.eval()
 
 

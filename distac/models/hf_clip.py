@@ -59,7 +59,10 @@ class HFCLIPAdapter(ModelAdapter):
         quiet_transformers()
         options = {"local_files_only": local_files_only(path)}
         try:
-            clip = CLIPModel.from_pretrained(path, **options)
+            from distac.models.text import TRANSFORMERS_LOADING
+
+            with TRANSFORMERS_LOADING:
+                clip = CLIPModel.from_pretrained(path, **options)
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot load {path} as a transformers CLIPModel (both towers): {exc}") from None
         try:

@@ -29,7 +29,7 @@ from torch import nn
 from distac.data.examples import TextExample
 from distac.errors import CheckpointError, ConfigError
 from distac.models.base import ModelAdapter, TaskModel
-from distac.models.text import resolve_model_path, set_padding, tokenize_batch
+from distac.models.text import TRANSFORMERS_LOADING, resolve_model_path, set_padding, tokenize_batch
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,9 @@ class HFSequenceClassificationAdapter(ModelAdapter):
         with torch.random.fork_rng(devices=[]):  # a base checkpoint's new head is the same in every process
             torch.manual_seed(RANDOM_HEAD_SEED)
             try:
-                full = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=local_files_only(path))
+                with TRANSFORMERS_LOADING:
+                    full = AutoModelForSequenceClassification.from_pretrained(path,
+                                                                              local_files_only=local_files_only(path))
             except (OSError, ValueError, KeyError) as exc:
                 raise CheckpointError(f"cannot load {path} as a sequence-classification model: {exc}") from None
         set_padding(tokenizer, full.config)
@@ -228,7 +230,8 @@ def load_sequence_classifier(path: str, adapter: HFSequenceClassificationAdapter
 
     quiet_transformers()
     try:
-        full = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=local_files_only(path))
+        with TRANSFORMERS_LOADING:
+            full = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=local_files_only(path))
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot load {path} as a sequence-classification model: {exc}") from None
     if type(full) is not type(adapter._full):

@@ -448,7 +448,9 @@ def _skeleton(pretrained: BackboneView) -> tuple[nn.Module, str, str]:
     kind = "causal_lm" if hf_kind(pretrained.uri) == "causal_lm" else "seqcls"
     config = AutoConfig.from_pretrained(local_hf_dir(pretrained.uri), local_files_only=True)
     model_class = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
-    with torch.device("meta"):
+    from distac.models.text import TRANSFORMERS_LOADING
+
+    with TRANSFORMERS_LOADING, torch.device("meta"):
         model = model_class.from_config(config)
     return model, kind, (model.base_model_prefix + "." if kind == "seqcls" else "")
 

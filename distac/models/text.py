@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import threading
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,9 @@ from distac.errors import ConfigError, DistacError
 from distac.models.base import ModelAdapter, TaskModel
 
 logger = logging.getLogger(__name__)
+# transformers' model loading sets module globals (no_init_weights, init_empty_weights) and restores them on exit:
+# two loads in two threads can leave them set. Every model load in distac holds this lock.
+TRANSFORMERS_LOADING = threading.RLock()
 
 BUNDLED_MINILM = "minilm"
 POOLINGS = ("mean", "cls", "last")
@@ -135,13 +139,14 @@ class HFTextAdapter(ModelAdapter):
         quiet_transformers()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **options)
-            if self.architecture == "encoder":
-                backbone = AutoModel.from_pretrained(path, **options)
-                hidden = backbone.config.hidden_size
-                head = nn.Linear(hidden, 2)
-            else:
-                full = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **options)
-                backbone, head = full.base_model, full.score
+            with TRANSFORMERS_LOADING:
+                if self.architecture == "encoder":
+                    backbone = AutoModel.from_pretrained(path, **options)
+                    hidden = backbone.config.hidden_size
+                    head = nn.Linear(hidden, 2)
+                else:
+                    full = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **options)
+                    backbone, head = full.base_model, full.score
         except (OSError, ValueError) as exc:
             raise DistacError(f"cannot load text model {self.name_or_path!r} from {path}: {exc}") from None
         set_padding(tokenizer, backbone.config)
