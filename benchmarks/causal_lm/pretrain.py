@@ -20,7 +20,7 @@ temporary directory beside OUT, checked (loads with ``AutoModelForCausalLM`` / `
 and renamed into place only then.
 
     .venv/bin/python -m benchmarks.causal_lm.pretrain --out runs/causal_lm/pretrained
-    .venv/bin/python -m benchmarks.causal_lm.pretrain --out /tmp/lm --steps 20     # a quick look
+    .venv/bin/python -m benchmarks.causal_lm.pretrain --out runs/causal_lm/quick --steps 20   # a quick look
 """
 
 from __future__ import annotations
