@@ -390,7 +390,10 @@ def search_alpha(method_name: str, task_vectors: Sequence[Mapping[str, torch.Ten
     per_alpha = evaluate_served(
         adapter, lambda i: _LazyBackbones(merged.for_task(i), pretrained_state, grid), heads, tasks, split=split,
         batch_size=batch_size, device=device, progress=progress, on_task=on_task, perplexity=False)
-    scores = {alpha: sum(r.accuracy for r in per_alpha[alpha]) / len(per_alpha[alpha]) for alpha in grid}
+    def mean_accuracy(alpha: float) -> float:
+        return sum(r.accuracy for r in per_alpha[alpha]) / len(per_alpha[alpha])
+
+    scores = {alpha: mean_accuracy(alpha) for alpha in grid}
     best = max(scores, key=lambda a: (scores[a], -list(scores).index(a)))
     for _ in range(extend if len(scores) > 1 else 0):
         beyond = _beyond_edge(best, list(scores))
@@ -400,7 +403,7 @@ def search_alpha(method_name: str, task_vectors: Sequence[Mapping[str, torch.Ten
             adapter, lambda i: _LazyBackbones(merged.for_task(i), pretrained_state, [beyond]), heads, tasks,
             split=split, batch_size=batch_size, device=device, progress=progress, on_task=on_task,
             perplexity=False))
-        scores[beyond] = sum(r.accuracy for r in per_alpha[beyond]) / len(per_alpha[beyond])
+        scores[beyond] = mean_accuracy(beyond)
         log.info("%s: alpha=%.3g was at the grid's edge; alpha=%.3g scores %.4f", method_name, best, beyond,
                  scores[beyond])
         if scores[beyond] <= scores[best]:

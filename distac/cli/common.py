@@ -111,6 +111,7 @@ def parse_data_spec(raw: Any, where: str) -> Any:
 
 def load_model_for(uri: str, pretrained: str | None, spec: Any, args: argparse.Namespace) -> Any:
     """One fine-tuned model in any form; a bare image-tower checkpoint takes its class names from ``spec``'s data."""
+    from distac.models.lora import adapter_family, load_adapter_model
     from distac.models.resolve import hf_kind, load_causal_lm, load_model, model_form
 
     form = model_form(uri)
@@ -120,9 +121,7 @@ def load_model_for(uri: str, pretrained: str | None, spec: Any, args: argparse.N
             return load_causal_lm(uri, pretrained, template=template)
         data = _load_data(spec, uri, args, None, None)
         return load_causal_lm(uri, pretrained, class_names=data.class_names, task=data.name, template=template)
-    if form == "lora" and _adapter_of_causal_lm(uri, pretrained):  # the same, for a causal LM's LoRA adapter
-        from distac.models.lora import load_adapter_model
-
+    if form == "lora" and adapter_family(uri, pretrained) == "hf_causal_lm":  # the same, for its LoRA adapter
         if spec is None:
             return load_adapter_model(uri, pretrained, template=template)
         data = _load_data(spec, uri, args, None, None)
@@ -133,13 +132,6 @@ def load_model_for(uri: str, pretrained: str | None, spec: Any, args: argparse.N
         raise ConfigError(f"{uri} is a bare checkpoint: give its task with --data (for the zero-shot head)")
     data = _load_data(spec, uri, args, None, None)
     return load_model(uri, pretrained, class_names=data.class_names, task=data.name)
-
-
-def _adapter_of_causal_lm(uri: str, pretrained: str | None) -> bool:
-    from distac.models.lora import adapter_task, base_model_uri, read_adapter
-
-    adapter = read_adapter(uri)
-    return adapter_task(adapter, base_model_uri(adapter, pretrained)) == "causal_lm"
 
 
 def _is_clip_dir(uri: str) -> bool:

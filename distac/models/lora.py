@@ -402,12 +402,12 @@ def load_adapter_model(uri: str, pretrained: str | os.PathLike | None = None, *,
     return LoadedModel(adapter, model, meta)
 
 
-def adapter_family(uri: str) -> str | None:
-    """The adapter kind that serves an adapter directory ('hf_seqcls', 'hf_causal_lm'); None when its base model
-    is not found here or is not a transformers classifier or causal LM."""
+def adapter_family(uri: str, pretrained: str | os.PathLike | None = None) -> str | None:
+    """The adapter kind that serves an adapter directory ('hf_seqcls', 'hf_causal_lm') over ``pretrained`` (else
+    its own base); None when that base is not found here or is not a transformers classifier or causal LM."""
     adapter = read_adapter(uri)
     try:
-        kind = adapter_task(adapter, base_model_uri(adapter, None))
+        kind = adapter_task(adapter, base_model_uri(adapter, pretrained))
     except CheckpointError:
         return None
     return {"seqcls": "hf_seqcls", "causal_lm": "hf_causal_lm"}.get(kind or "")
